@@ -1,0 +1,165 @@
+"""One exception tree for the whole project.
+
+::
+
+    JetinferError
+    ├── RequestError                  a request cannot be served; carries the wire `code`
+    │   ├── PermanentError            retrying cannot help: the worker answers, then `term`s
+    │   │   ├── InvalidInputError     invalid_input: undecodable, wrong dtype/shape/size
+    │   │   ├── TooLargeError         too_large: over a size or batch limit
+    │   │   ├── DeadlineExceededError deadline_exceeded: the client stopped waiting
+    │   │   └── UnknownModelError     unknown_model: nobody serves that model
+    │   └── RetryableError            may pass on another try: the worker `nak`s with back-off
+    │       └── BackendError          internal: the backend failed (error, out of memory)
+    ├── RemoteError                   the client got an error reply; `code` says which
+    ├── RequestTimeoutError           the client waited `timeout` seconds for a reply
+    ├── SettingsError                 a setting is invalid; `setting` names it
+    ├── StreamMismatchError           an existing stream differs; `field` names the difference
+    ├── RepositoryError               a model repository entry is invalid; `path` says where
+    └── ModelLoadError                a backend could not load a model version
+
+Permanent and retryable are the split the worker's ack policy is built on
+(see `worker.consumer.decide_ack`): handlers raise, they never ack themselves.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "DeadlineExceededError",
+    "InvalidInputError",
+    "JetinferError",
+    "ModelLoadError",
+    "PermanentError",
+    "RemoteError",
+    "RepositoryError",
+    "RequestError",
+    "RequestTimeoutError",
+    "RetryableError",
+    "SettingsError",
+    "StreamMismatchError",
+    "TooLargeError",
+    "UnknownModelError",
+    "error_for_code",
+]
+
+
+class JetinferError(Exception):
+    """Base of every error jetinfer raises on purpose."""
+
+
+class RequestError(JetinferError):
+    """A request cannot be served. `code` is the wire error code sent to the client."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PermanentError(RequestError):
+    """Retrying cannot help: the worker replies with the error and terminates the message."""
+
+
+class InvalidInputError(PermanentError):
+    """The request is undecodable or its tensors do not match the model."""
+
+    code = "invalid_input"
+
+
+class TooLargeError(PermanentError):
+    """The request is over a size, shape or batch limit."""
+
+    code = "too_large"
+
+
+class DeadlineExceededError(PermanentError):
+    """The request's deadline passed before it could run."""
+
+    code = "deadline_exceeded"
+
+
+class UnknownModelError(PermanentError):
+    """No worker serves (or ever registered) the requested model."""
+
+    code = "unknown_model"
+
+
+class RetryableError(RequestError):
+    """A transient failure: the worker naks the message with a growing delay."""
+
+
+class BackendError(RetryableError):
+    """The inference backend failed (an exception, out of memory)."""
+
+    code = "internal"
+
+
+class RemoteError(JetinferError):
+    """The worker answered a request with an error reply."""
+
+    def __init__(self, code: str, message: str, *, request_id: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RequestTimeoutError(JetinferError, TimeoutError):
+    """No reply arrived within the client's timeout."""
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        super().__init__(f"no reply to request {request_id!r} within {timeout_s:g} s")
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+
+
+class SettingsError(JetinferError, ValueError):
+    """A setting is invalid. `setting` is its name (the flag without dashes)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        flag = "--" + setting.replace("_", "-")
+        env = "JETINFER_" + setting.upper()
+        super().__init__(f"invalid setting {setting} ({flag} / {env}): {message}")
+        self.setting = setting
+        self.message = message
+
+
+class StreamMismatchError(JetinferError):
+    """An existing JetStream stream or consumer differs from the configuration jetinfer needs."""
+
+    def __init__(self, name: str, field: str, existing: object, wanted: object) -> None:
+        super().__init__(
+            f"{name}: existing {field}={existing!r} but jetinfer is configured for {field}={wanted!r}; "
+            f"change the setting to match, or delete and recreate {name}"
+        )
+        self.name = name
+        self.field = field
+        self.existing = existing
+        self.wanted = wanted
+
+
+class RepositoryError(JetinferError):
+    """A model repository entry (config, manifest, version folder) is invalid."""
+
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class ModelLoadError(JetinferError):
+    """A backend could not load a model version."""
+
+
+_CODES: dict[str, type[RequestError]] = {
+    cls.code: cls
+    for cls in (InvalidInputError, TooLargeError, DeadlineExceededError, UnknownModelError, BackendError)
+}
+
+
+def error_for_code(code: str, message: str) -> RequestError:
+    """The request error class that a wire error `code` stands for (unknown codes become `internal`)."""
+    cls = _CODES.get(code, BackendError)
+    return cls(message)

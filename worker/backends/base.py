@@ -1,0 +1,93 @@
+"""The backend interface: load a repository version, describe it, run batches, close.
+
+A backend's `infer` is called from a worker thread (never on the event loop), one batch at a time
+per backend instance. Errors from the library are translated where it is called:
+`raise BackendError(...) from exc` for failures at run time, `ModelLoadError` at load time.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from jetinfer.repository import ModelVersion, TensorSpec
+
+__all__ = ["BACKEND_MODULES", "Backend", "load_backend"]
+
+#: Backend name (from the manifest) -> module that holds its `Backend` subclass as `BACKEND`.
+BACKEND_MODULES: Final = {
+    "onnxruntime": "worker.backends.onnxruntime",
+    "tensorrt": "worker.backends.tensorrt",
+    "torch": "worker.backends.torch",
+}
+
+
+class Backend(abc.ABC):
+    """One loaded model version."""
+
+    name: str = "backend"
+
+    def __init__(self, version: ModelVersion, *, device: int | None = None) -> None:
+        self.version = version
+        self.device = device
+        self._closed = False
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Input specs (shape without the batch dimension, -1 for dynamic)."""
+        return self.version.config.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Output specs (shape without the batch dimension, -1 for dynamic)."""
+        return self.version.config.outputs
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch `infer` accepts."""
+        return self.version.config.max_batch
+
+    @abc.abstractmethod
+    def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run one batch. Inputs are keyed by name, first dimension the batch; outputs likewise."""
+
+    def warmup(self) -> None:
+        """Run one batch of zeros at batch 1 and at max batch, so first requests don't pay for setup."""
+        for batch in sorted({1, self.max_batch}):
+            dummy = {
+                spec.name: np.zeros((batch, *[d if d > 0 else 1 for d in spec.shape]), dtype=_np_dtype(spec))
+                for spec in self.inputs
+            }
+            self.infer(dummy)
+
+    def close(self) -> None:
+        """Release the model and its memory. Safe to call twice."""
+        self._closed = True
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _np_dtype(spec: TensorSpec) -> np.dtype[Any]:
+    from jetinfer.protocol import DATATYPES
+
+    return DATATYPES[spec.datatype]
+
+
+def load_backend(version: ModelVersion, *, device: int | None = None) -> Backend:
+    """Load `version` with the backend its manifest names."""
+    module_name = BACKEND_MODULES.get(version.backend)
+    if module_name is None:
+        from jetinfer.errors import ModelLoadError
+
+        raise ModelLoadError(f"{version.path}: unknown backend {version.backend!r}")
+    module = importlib.import_module(module_name)
+    backend_cls: type[Backend] = module.BACKEND
+    return backend_cls(version, device=device)

@@ -1,0 +1,87 @@
+"""ONNX Runtime backend (model.onnx): CPU by default, CUDA or TensorRT execution providers where installed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jetinfer.errors import BackendError, ModelLoadError
+from jetinfer.protocol import DATATYPES
+from jetinfer.repository import ModelVersion
+from worker.backends.base import Backend
+
+__all__ = ["BACKEND", "OnnxRuntimeBackend"]
+
+logger = logging.getLogger(__name__)
+
+_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxRuntimeBackend(Backend):
+    """Serves model.onnx with an onnxruntime InferenceSession."""
+
+    name = "onnxruntime"
+
+    def __init__(self, version: ModelVersion, *, device: int | None = None, intra_op_threads: int = 0) -> None:
+        super().__init__(version, device=device)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = intra_op_threads or int(os.environ.get("JETINFER_ORT_THREADS", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        available = set(ort.get_available_providers())
+        providers: list[Any] = []
+        for provider in _PREFERRED_PROVIDERS:
+            if provider not in available:
+                continue
+            if provider != "CPUExecutionProvider" and device is not None:
+                providers.append((provider, {"device_id": device}))
+            else:
+                providers.append(provider)
+        try:
+            self._session = ort.InferenceSession(str(version.model_file), options, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"{version.model_file}: onnxruntime cannot load it: {exc}") from exc
+        session_inputs = {i.name for i in self._session.get_inputs()}
+        wanted = {spec.name for spec in version.config.inputs}
+        if session_inputs != wanted:
+            raise ModelLoadError(
+                f"{version.model_file}: model inputs {sorted(session_inputs)} differ from config {sorted(wanted)}"
+            )
+        self._output_names = [spec.name for spec in version.config.outputs]
+        session_outputs = {o.name for o in self._session.get_outputs()}
+        missing = set(self._output_names) - session_outputs
+        if missing:
+            raise ModelLoadError(f"{version.model_file}: config outputs {sorted(missing)} not in the model")
+        self._dtypes = {spec.name: DATATYPES[spec.datatype] for spec in version.config.inputs}
+        self._lock = threading.Lock()
+        logger.info("onnxruntime: loaded %s v%d providers=%s", version.config.name, version.version,
+                    self._session.get_providers())
+
+    def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run one batch through the session."""
+        if self._closed:
+            raise BackendError("backend is closed")
+        feed = {name: np.ascontiguousarray(array, dtype=self._dtypes[name]) for name, array in inputs.items()}
+        try:
+            with self._lock:
+                results = self._session.run(self._output_names, feed)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
+        return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        """Drop the session (onnxruntime frees its memory when the session is collected)."""
+        if not self._closed:
+            self._session = None
+        super().close()
+
+
+BACKEND = OnnxRuntimeBackend
