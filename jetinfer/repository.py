@@ -39,6 +39,7 @@ __all__ = [
     "PreprocessConfig",
     "TensorSpec",
     "VersionManifest",
+    "prune_versions",
     "sha256_file",
     "write_version",
 ]
@@ -92,7 +93,9 @@ class TensorSpec:
             where,
             f"shape {shape!r} must be a list of positive integers or -1, without the batch dimension",
         )
-        assert isinstance(name, str) and isinstance(datatype, str) and isinstance(shape, list)
+        assert isinstance(name, str)
+        assert isinstance(datatype, str)
+        assert isinstance(shape, list)
         return cls(name=name, datatype=datatype, shape=tuple(shape))
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +104,9 @@ class TensorSpec:
 
     def accepts(self, shape: Sequence[int]) -> bool:
         """Whether a per-frame `shape` (no batch dimension) fits this spec."""
-        return len(shape) == len(self.shape) and all(s == -1 or s == d for s, d in zip(self.shape, shape, strict=True))
+        return len(shape) == len(self.shape) and all(
+            s == -1 or s == d for s, d in zip(self.shape, shape, strict=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,11 @@ class PreprocessConfig:
         _require(all(s != 0 for s in config.std), where, "std values must not be 0")
         _require(config.layout in ("NCHW", "NHWC"), where, "layout must be NCHW or NHWC")
         _require(config.datatype in ("FP32", "FP16", "UINT8"), where, "datatype must be FP32, FP16 or UINT8")
-        _require(config.resize in ("bilinear", "nearest", "bicubic"), where, "resize must be bilinear|nearest|bicubic")
+        _require(
+            config.resize in ("bilinear", "nearest", "bicubic"),
+            where,
+            "resize must be bilinear|nearest|bicubic",
+        )
         _require(0.1 <= config.center_crop <= 1.0, where, "center_crop must be within 0.1..1.0")
         return config
 
@@ -169,33 +178,48 @@ class ModelConfig:
         _require(isinstance(obj, dict), where, "config must be a JSON object")
         assert isinstance(obj, dict)
         name = obj.get("name")
-        _require(isinstance(name, str) and bool(MODEL_NAME_PATTERN.fullmatch(name)), where,
-                 f"name {name!r} must match [a-z0-9_-]{{1,64}}")
+        _require(
+            isinstance(name, str) and bool(MODEL_NAME_PATTERN.fullmatch(name)),
+            where,
+            f"name {name!r} must match [a-z0-9_-]{{1,64}}",
+        )
         max_batch = obj.get("max_batch")
-        _require(type(max_batch) is int and 1 <= max_batch <= 4096, where, "max_batch must be an integer 1..4096")
+        _require(
+            type(max_batch) is int and 1 <= max_batch <= 4096, where, "max_batch must be an integer 1..4096"
+        )
         raw_inputs, raw_outputs = obj.get("inputs"), obj.get("outputs")
         _require(isinstance(raw_inputs, list) and bool(raw_inputs), where, "inputs must be a non-empty list")
-        _require(isinstance(raw_outputs, list) and bool(raw_outputs), where, "outputs must be a non-empty list")
-        assert isinstance(raw_inputs, list) and isinstance(raw_outputs, list)
+        _require(
+            isinstance(raw_outputs, list) and bool(raw_outputs), where, "outputs must be a non-empty list"
+        )
+        assert isinstance(raw_inputs, list)
+        assert isinstance(raw_outputs, list)
         inputs = tuple(TensorSpec.from_dict(t, f"{where}: inputs[{i}]") for i, t in enumerate(raw_inputs))
         outputs = tuple(TensorSpec.from_dict(t, f"{where}: outputs[{i}]") for i, t in enumerate(raw_outputs))
         preprocess = None
         if obj.get("preprocess") is not None:
             preprocess = PreprocessConfig.from_dict(obj["preprocess"], f"{where}: preprocess")
-            _require(preprocess.input in {t.name for t in inputs}, where,
-                     f"preprocess.input {preprocess.input!r} is not one of the inputs")
+            _require(
+                preprocess.input in {t.name for t in inputs},
+                where,
+                f"preprocess.input {preprocess.input!r} is not one of the inputs",
+            )
         policy = obj.get("version_policy", {"latest": 1})
         _require(
             isinstance(policy, dict)
             and (
                 (set(policy) == {"latest"} and type(policy["latest"]) is int and policy["latest"] >= 1)
-                or (set(policy) == {"specific"} and isinstance(policy["specific"], list)
-                    and all(type(v) is int and v >= 1 for v in policy["specific"]))
+                or (
+                    set(policy) == {"specific"}
+                    and isinstance(policy["specific"], list)
+                    and all(type(v) is int and v >= 1 for v in policy["specific"])
+                )
             ),
             where,
             'version_policy must be {"latest": N} or {"specific": [versions]}',
         )
-        assert isinstance(name, str) and isinstance(max_batch, int)
+        assert isinstance(name, str)
+        assert isinstance(max_batch, int)
         return cls(
             name=name,
             max_batch=max_batch,
@@ -218,8 +242,11 @@ class ModelConfig:
             "warmup": self.warmup,
         }
         if self.preprocess is not None:
-            out["preprocess"] = {**asdict(self.preprocess), "mean": list(self.preprocess.mean),
-                                 "std": list(self.preprocess.std)}
+            out["preprocess"] = {
+                **asdict(self.preprocess),
+                "mean": list(self.preprocess.mean),
+                "std": list(self.preprocess.std),
+            }
         if self.labels:
             out["labels"] = "labels.txt"
         return out
@@ -261,27 +288,48 @@ class VersionManifest:
         assert isinstance(obj, dict)
         _require(obj.get("format") == MANIFEST_FORMAT, where, f"format must be {MANIFEST_FORMAT}")
         model_file = obj.get("model_file")
-        _require(model_file in BACKEND_FILES, where, f"model_file {model_file!r} must be one of {list(BACKEND_FILES)}")
+        _require(
+            model_file in BACKEND_FILES,
+            where,
+            f"model_file {model_file!r} must be one of {list(BACKEND_FILES)}",
+        )
         assert isinstance(model_file, str)
         backend = obj.get("backend")
-        _require(backend == BACKEND_FILES[model_file], where,
-                 f"backend {backend!r} does not match {model_file} (expected {BACKEND_FILES[model_file]!r})")
+        _require(
+            backend == BACKEND_FILES[model_file],
+            where,
+            f"backend {backend!r} does not match {model_file} (expected {BACKEND_FILES[model_file]!r})",
+        )
         sha = obj.get("sha256")
-        _require(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha), where,
-                 "sha256 must be 64 lowercase hex digits")
-        assert isinstance(sha, str) and isinstance(backend, str)
+        _require(
+            isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+            where,
+            "sha256 must be 64 lowercase hex digits",
+        )
+        assert isinstance(sha, str)
+        assert isinstance(backend, str)
+        for key in ("inputs", "outputs"):
+            _require(isinstance(obj.get(key, []), list), where, f"{key} must be a list of tensor specs")
+        producer, tensorrt = obj.get("producer", {}), obj.get("tensorrt", {})
+        _require(isinstance(producer, dict), where, "producer must be an object of tool versions")
+        _require(isinstance(tensorrt, dict), where, "tensorrt must be an object")
+        assert isinstance(producer, dict)
+        assert isinstance(tensorrt, dict)
         return cls(
             model_file=model_file,
             sha256=sha,
             backend=backend,
             precision=str(obj.get("precision", "fp32")),
-            inputs=tuple(TensorSpec.from_dict(t, f"{where}: inputs[{i}]") for i, t in enumerate(obj.get("inputs", []))),
+            inputs=tuple(
+                TensorSpec.from_dict(t, f"{where}: inputs[{i}]") for i, t in enumerate(obj.get("inputs", []))
+            ),
             outputs=tuple(
-                TensorSpec.from_dict(t, f"{where}: outputs[{i}]") for i, t in enumerate(obj.get("outputs", []))
+                TensorSpec.from_dict(t, f"{where}: outputs[{i}]")
+                for i, t in enumerate(obj.get("outputs", []))
             ),
             created=str(obj.get("created", "")),
-            producer={str(k): str(v) for k, v in dict(obj.get("producer", {})).items()},
-            tensorrt={str(k): str(v) for k, v in dict(obj.get("tensorrt", {})).items()},
+            producer={str(k): str(v) for k, v in producer.items()},
+            tensorrt={str(k): str(v) for k, v in tensorrt.items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -339,7 +387,11 @@ class ModelRepository:
 
     def model_dir(self, model: str) -> Path:
         """The folder of `model`; refuses names that are not plain model names (no path traversal)."""
-        _require(bool(MODEL_NAME_PATTERN.fullmatch(model)), model, "invalid model name: must match [a-z0-9_-]{1,64}")
+        _require(
+            bool(MODEL_NAME_PATTERN.fullmatch(model)),
+            model,
+            "invalid model name: must match [a-z0-9_-]{1,64}",
+        )
         return self.root / model
 
     def models(self) -> list[str]:
@@ -367,8 +419,11 @@ class ModelRepository:
         labels: list[str] = []
         if isinstance(obj, dict) and obj.get("labels"):
             label_name = obj["labels"]
-            _require(isinstance(label_name, str) and "/" not in label_name and not label_name.startswith("."),
-                     path, "labels must be a plain file name in the model folder")
+            _require(
+                isinstance(label_name, str) and "/" not in label_name and not label_name.startswith("."),
+                path,
+                "labels must be a plain file name in the model folder",
+            )
             try:
                 labels = (folder / label_name).read_text().splitlines()
             except OSError as exc:
@@ -402,12 +457,18 @@ class ModelRepository:
         _require(model_file.is_file(), model_file, "model file missing")
         if verify_checksum:
             actual = sha256_file(model_file)
-            _require(actual == manifest.sha256, model_file,
-                     f"checksum mismatch: manifest says {manifest.sha256[:12]}…, file is {actual[:12]}…")
+            _require(
+                actual == manifest.sha256,
+                model_file,
+                f"checksum mismatch: manifest says {manifest.sha256[:12]}…, file is {actual[:12]}…",
+            )
         if manifest.inputs:
             names = sorted(t.name for t in manifest.inputs)
-            _require(names == sorted(t.name for t in config.inputs), path,
-                     f"manifest inputs {names} differ from config inputs")
+            _require(
+                names == sorted(t.name for t in config.inputs),
+                path,
+                f"manifest inputs {names} differ from config inputs",
+            )
         return ModelVersion(config=config, manifest=manifest, version=version, path=path)
 
     def candidates(self, model: str) -> list[int]:
@@ -441,18 +502,31 @@ def write_version(
     tensorrt: Mapping[str, str] | None = None,
     version: int | None = None,
     keep: int | None = None,
+    expected_sha256: str | None = None,
+    created: str | None = None,
 ) -> ModelVersion:
     """Write a new version atomically: hidden temp folder, fsync, rename. Returns the new version.
 
-    `config.json` (and labels.txt) are (re)written atomically too. `keep` removes all but the newest
-    `keep` versions afterwards.
+    `config.json` (and labels.txt) are (re)written atomically too. `version` picks the number (default:
+    one above the newest); `keep` removes all but the newest `keep` versions afterwards (each is renamed
+    to a hidden folder first, so a reader never sees half a removed version). `expected_sha256` refuses
+    the copy unless the copied file has that checksum (a source that changed while it was copied);
+    `created` keeps a manifest's original creation time.
     """
     root = Path(root)
+    _require(keep is None or keep >= 1, root, f"keep must be at least 1, not {keep}")
+    _require(version is None or version >= 1, root, f"version must be a positive integer, not {version}")
     suffix = model_file.suffix
     target_name = f"model{suffix}"
-    _require(target_name in BACKEND_FILES, model_file, f"model files end in {sorted({'.onnx', '.plan', '.pt2'})}")
+    _require(
+        target_name in BACKEND_FILES, model_file, f"model files end in {sorted({'.onnx', '.plan', '.pt2'})}"
+    )
     wanted_backend = BACKEND_FILES[target_name]
-    _require(backend in (None, wanted_backend), model_file, f"{target_name} is served by {wanted_backend}, not {backend}")
+    _require(
+        backend in (None, wanted_backend),
+        model_file,
+        f"{target_name} is served by {wanted_backend}, not {backend}",
+    )
     repo = ModelRepository(root)
     folder = repo.model_dir(config.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -468,28 +542,63 @@ def write_version(
         shutil.copyfile(model_file, tmp / target_name)
         with open(tmp / target_name, "rb+") as handle:
             os.fsync(handle.fileno())
+        digest = sha256_file(tmp / target_name)
+        _require(
+            expected_sha256 is None or digest == expected_sha256,
+            model_file,
+            f"checksum mismatch: expected {str(expected_sha256)[:12]}…, the copy is {digest[:12]}…",
+        )
         manifest = VersionManifest(
             model_file=target_name,
-            sha256=sha256_file(tmp / target_name),
+            sha256=digest,
             backend=wanted_backend,
             precision=precision,
             inputs=config.inputs,
             outputs=config.outputs,
-            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            created=created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             producer=dict(producer or {}),
             tensorrt=dict(tensorrt or {}),
         )
         _write_synced(tmp / "manifest.json", json.dumps(manifest.to_dict(), indent=2).encode())
         _fsync_dir(tmp)
-        os.rename(tmp, folder / str(number))
+        try:
+            os.rename(tmp, folder / str(number))
+        except OSError as exc:
+            if (folder / str(number)).exists():
+                raise RepositoryError(folder / str(number), "version exists already") from None
+            raise RepositoryError(folder / str(number), f"cannot rename into place: {exc}") from exc
         _fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
-        for old in repo.versions(config.name)[:-keep]:
-            shutil.rmtree(folder / str(old), ignore_errors=True)
+        prune_versions(root, config.name, keep=keep)
     return ModelVersion(config=config, manifest=manifest, version=number, path=folder / str(number))
+
+
+def prune_versions(root: Path | str, model: str, *, keep: int) -> list[int]:
+    """Remove all but the newest `keep` versions of `model`; returns the removed version numbers.
+
+    Each old version is first renamed to a hidden folder (atomic: readers skip hidden folders), then
+    deleted, so a reader never sees half a version.
+    """
+    _require(keep >= 1, root, f"keep must be at least 1, not {keep}")
+    repo = ModelRepository(root)
+    folder = repo.model_dir(model)
+    removed = []
+    for old in repo.versions(model)[:-keep]:
+        doomed = folder / f".del-{old}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder / str(old), doomed)
+        except OSError as exc:
+            logger.warning("repository: cannot remove %s: %s", folder / str(old), exc)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    if removed:
+        _fsync_dir(folder)
+        logger.info("repository: %s: removed old versions %s (keep %d)", model, removed, keep)
+    return removed
 
 
 def _replace_file(path: Path, data: bytes) -> None:
