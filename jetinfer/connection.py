@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 import nats
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 
 from jetinfer.settings import ConnectionSettings
 
@@ -34,7 +34,7 @@ async def connect(
     name: str | None = None,
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
-) -> NATS:
+) -> NatsClient:
     """Connect to NATS; reconnects forever afterwards. Raises ConnectionError naming the fix."""
 
     async def on_error(exc: Exception) -> None:
@@ -78,6 +78,7 @@ async def connect(
         return await nats.connect(**options)  # type: ignore[arg-type]
     except Exception as exc:
         raise ConnectionError(
-            f"cannot connect to NATS at {settings.nats_url}: {type(exc).__name__}: {exc or 'no answer'}; "
+            f"cannot connect to NATS at {settings.nats_url}: "
+            f"{type(exc).__name__}: {exc or 'no answer'}; "
             "check --nats-url (JETINFER_NATS_URL) and the credential settings"
         ) from exc

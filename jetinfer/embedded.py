@@ -120,7 +120,9 @@ class EmbeddedNatsServer:
                 tail = self.log_file.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"nats-server exited with {self._process.returncode}:\n{tail}")
             try:
-                with urllib.request.urlopen(f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
+                with urllib.request.urlopen(
+                    f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1
+                ) as r:
                     if r.status == 200:
                         logger.debug("nats-server ready at %s", self.url)
                         return

@@ -11,14 +11,15 @@
     │   │   └── UnknownModelError     unknown_model: nobody serves that model
     │   └── RetryableError            may pass on another try: the worker `nak`s with back-off
     │       └── BackendError          internal: the backend failed (error, out of memory)
-    ├── RemoteError                   the client got an error reply; `code` says which
     ├── RequestTimeoutError           the client waited `timeout` seconds for a reply
     ├── SettingsError                 a setting is invalid; `setting` names it
     ├── StreamMismatchError           an existing stream differs; `field` names the difference
     ├── RepositoryError               a model repository entry is invalid; `path` says where
     └── ModelLoadError                a backend could not load a model version
 
-Permanent and retryable are the split the worker's ack policy is built on
+A client receives error replies as the same classes (`error_for_code`), so
+`except InvalidInputError` reads the same on both sides. Permanent and retryable are the split
+the worker's ack policy is built on
 (see `worker.consumer.decide_ack`): handlers raise, they never ack themselves.
 """
 
@@ -31,7 +32,6 @@ __all__ = [
     "JetinferError",
     "ModelLoadError",
     "PermanentError",
-    "RemoteError",
     "RepositoryError",
     "RequestError",
     "RequestTimeoutError",
@@ -94,16 +94,6 @@ class BackendError(RetryableError):
     """The inference backend failed (an exception, out of memory)."""
 
     code = "internal"
-
-
-class RemoteError(JetinferError):
-    """The worker answered a request with an error reply."""
-
-    def __init__(self, code: str, message: str, *, request_id: str = "") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
 
 
 class RequestTimeoutError(JetinferError, TimeoutError):

@@ -88,7 +88,9 @@ def datatype_of(dtype: npt.DTypeLike) -> str:
     try:
         return _NAME_OF_KIND[(dt.kind, dt.itemsize)]
     except KeyError:
-        raise InvalidInputError(f"datatype {dt} has no wire equivalent; use one of {sorted(DATATYPES)}") from None
+        raise InvalidInputError(
+            f"datatype {dt} has no wire equivalent; use one of {sorted(DATATYPES)}"
+        ) from None
 
 
 def check_model_name(name: str) -> str:
@@ -155,7 +157,9 @@ class Tensor:
             raise InvalidInputError(f"{where}.data must be binary (msgpack bin), got {type(data).__name__}")
         expected = math.prod(shape) * DATATYPES[datatype].itemsize
         if expected > limits.max_bytes:
-            raise TooLargeError(f"{where} of shape {shape} needs {expected} bytes; at most {limits.max_bytes}")
+            raise TooLargeError(
+                f"{where} of shape {shape} needs {expected} bytes; at most {limits.max_bytes}"
+            )
         if expected != len(data):
             raise InvalidInputError(
                 f"{where}: shape {shape} of {datatype} needs {expected} bytes, but data has {len(data)}"
@@ -311,7 +315,9 @@ def decode_reply(raw: bytes, *, limits: Limits = Limits(max_bytes=256 * 1024 * 1
     if error is not None:
         if not isinstance(error, dict):
             raise InvalidInputError("reply error must be a map")
-        return ErrorReply(id=reply_id, code=str(error.get("code", "internal")), message=str(error.get("message", "")))
+        return ErrorReply(
+            id=reply_id, code=str(error.get("code", "internal")), message=str(error.get("message", ""))
+        )
     outputs = obj.get("outputs")
     if not isinstance(outputs, list):
         raise InvalidInputError("reply outputs must be a list")
@@ -320,7 +326,9 @@ def decode_reply(raw: bytes, *, limits: Limits = Limits(max_bytes=256 * 1024 * 1
         id=reply_id,
         model_name=str(obj.get("model_name", "")),
         model_version=str(obj.get("model_version", "")),
-        outputs=tuple(Tensor.from_wire(t, limits=limits, where=f"outputs[{i}]") for i, t in enumerate(outputs)),
+        outputs=tuple(
+            Tensor.from_wire(t, limits=limits, where=f"outputs[{i}]") for i, t in enumerate(outputs)
+        ),
         timing={str(k): float(v) for k, v in timing.items()} if isinstance(timing, dict) else {},
     )
 

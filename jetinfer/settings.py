@@ -44,7 +44,9 @@ def setting(default: Any, help: str, *, secret: bool = False) -> Any:
     """Declare a settings field with its default and its `--help` text."""
     if isinstance(default, list):
         frozen = list(default)
-        return dataclasses.field(default_factory=lambda: list(frozen), metadata={"help": help, "secret": secret})
+        return dataclasses.field(
+            default_factory=lambda: list(frozen), metadata={"help": help, "secret": secret}
+        )
     return dataclasses.field(default=default, metadata={"help": help, "secret": secret})
 
 
@@ -94,7 +96,9 @@ def _convert(name: str, scalar: Any, text: str) -> Any:
             return Path(text).expanduser()
         return text
     except ValueError as exc:
-        raise SettingsError(name, f"cannot read {text!r} as {getattr(scalar, '__name__', scalar)}: {exc}") from None
+        raise SettingsError(
+            name, f"cannot read {text!r} as {getattr(scalar, '__name__', scalar)}: {exc}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset[str] = frozenset()) -> None:
@@ -163,7 +167,8 @@ def load_settings(
                 values[f.name] = [_convert(f.name, scalar, p) for p in env_value.split(",") if p.strip()]
             else:
                 values[f.name] = _convert(f.name, scalar, env_value)
-    return cls(**values)
+    built: T = cls(**values)
+    return built
 
 
 def require(condition: bool, name: str, message: str) -> None:
@@ -213,8 +218,13 @@ class ConnectionSettings:
             if v
         ]
         require(len(methods) <= 1, methods[-1] if methods else "nats_user", f"choose one of {methods}")
-        for name in ("nats_nkey_seed_file", "nats_creds_file", "nats_tls_ca_file", "nats_tls_cert_file",
-                     "nats_tls_key_file"):
+        for name in (
+            "nats_nkey_seed_file",
+            "nats_creds_file",
+            "nats_tls_ca_file",
+            "nats_tls_cert_file",
+            "nats_tls_key_file",
+        ):
             path = getattr(self, name)
             require(path is None or Path(path).is_file(), name, f"{path} is not a readable file")
         require(
@@ -244,7 +254,9 @@ class StreamSettings:
     max_ack_pending: int = setting(4096, "unacknowledged requests a consumer may have out at once")
 
     def __post_init__(self) -> None:
-        require(1024 <= self.max_msg_size_bytes <= 64 * 1024 * 1024, "max_msg_size_bytes", "must be 1 KiB..64 MiB")
+        require(
+            1024 <= self.max_msg_size_bytes <= 64 * 1024 * 1024, "max_msg_size_bytes", "must be 1 KiB..64 MiB"
+        )
         require(self.duplicate_window_s > 0, "duplicate_window_s", "must be above 0")
         require(self.results_max_age_s > 0, "results_max_age_s", "must be above 0")
         require(self.dlq_max_age_s > 0, "dlq_max_age_s", "must be above 0")

@@ -110,8 +110,14 @@ def _dlq_config(settings: StreamSettings) -> StreamConfig:
     )
 
 
-_COMPARED_STREAM_FIELDS: Final = ("retention", "storage", "max_msg_size", "duplicate_window", "num_replicas",
-                                  "max_age")
+_COMPARED_STREAM_FIELDS: Final = (
+    "retention",
+    "storage",
+    "max_msg_size",
+    "duplicate_window",
+    "num_replicas",
+    "max_age",
+)
 
 
 def _check_stream(existing: StreamConfig, wanted: StreamConfig) -> None:
@@ -149,7 +155,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None
 
 
 async def register_model(js: JetStreamContext, model: str, settings: StreamSettings) -> None:
-    """Add `infer.<model>` to the INFER stream (creating it if needed). The registration outlives the worker."""
+    """Add `infer.<model>` to the INFER stream (creating it if needed); the registration outlives workers."""
     subject = infer_subject(model)
     for attempt in range(10):
         config = await _ensure_stream(js, _infer_config(settings, [subject]))

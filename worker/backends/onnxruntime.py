@@ -27,7 +27,9 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, version: ModelVersion, *, device: int | None = None, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, version: ModelVersion, *, device: int | None = None, intra_op_threads: int = 0
+    ) -> None:
         super().__init__(version, device=device)
         import onnxruntime as ort
 
@@ -53,7 +55,8 @@ class OnnxRuntimeBackend(Backend):
         wanted = {spec.name for spec in version.config.inputs}
         if session_inputs != wanted:
             raise ModelLoadError(
-                f"{version.model_file}: model inputs {sorted(session_inputs)} differ from config {sorted(wanted)}"
+                f"{version.model_file}: model inputs {sorted(session_inputs)} "
+                f"differ from config {sorted(wanted)}"
             )
         self._output_names = [spec.name for spec in version.config.outputs]
         session_outputs = {o.name for o in self._session.get_outputs()}
@@ -62,8 +65,12 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"{version.model_file}: config outputs {sorted(missing)} not in the model")
         self._dtypes = {spec.name: DATATYPES[spec.datatype] for spec in version.config.inputs}
         self._lock = threading.Lock()
-        logger.info("onnxruntime: loaded %s v%d providers=%s", version.config.name, version.version,
-                    self._session.get_providers())
+        logger.info(
+            "onnxruntime: loaded %s v%d providers=%s",
+            version.config.name,
+            version.version,
+            self._session.get_providers(),
+        )
 
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch through the session."""

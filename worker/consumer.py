@@ -1,0 +1,249 @@
+"""Pulling requests from the durable consumer, and deciding how each one is acknowledged.
+
+`PullConsumer` keeps a bounded number of requests asked for from JetStream at all times (a
+continuous pull with idle heartbeats, the way nats.go's `Consume` works), so the next batch is
+already on its way while the current one runs. A pull that stops answering (no message and no
+heartbeat for three heartbeat intervals, or a reconnect) is renewed: no silent stall after a
+reconnect.
+
+`decide_ack` is the one place where an outcome becomes an ack, a nak or a term; handlers never
+ack themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from jetinfer.errors import PermanentError, RequestError, RetryableError
+
+__all__ = [
+    "AckAction",
+    "AckDecision",
+    "PullConsumer",
+    "decide_ack",
+    "delivery_info",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class AckAction(enum.Enum):
+    """What happens to a message once its request is handled."""
+
+    ACK = "ack"  # reply published: done
+    TERM = "term"  # permanent failure: error reply sent, copy in DLQ, never redelivered
+    NAK = "nak"  # transient failure or not started: redeliver after `delay_s`
+
+
+@dataclass(frozen=True)
+class AckDecision:
+    """An ack action with its reasons."""
+
+    action: AckAction
+    delay_s: float = 0.0
+    reply_error: bool = False  # send an error reply before acting
+    to_dlq: bool = False  # copy the request to the DLQ before acting
+
+
+def decide_ack(
+    error: RequestError | None,
+    *,
+    deliveries: int,
+    max_deliver: int,
+    nak_delay_s: float,
+    started: bool = True,
+) -> AckDecision:
+    """Map an outcome to an ack decision.
+
+    - success: ACK (the reply is already published)
+    - not started (shutdown): NAK at once, so another worker takes it now
+    - permanent error: error reply, DLQ copy, TERM
+    - retryable error: NAK with a growing delay; on the last allowed delivery, error reply, DLQ, TERM
+    """
+    if not started:
+        return AckDecision(AckAction.NAK, delay_s=0.0)
+    if error is None:
+        return AckDecision(AckAction.ACK)
+    if isinstance(error, PermanentError):
+        return AckDecision(AckAction.TERM, reply_error=True, to_dlq=True)
+    if isinstance(error, RetryableError) and deliveries < max_deliver:
+        return AckDecision(AckAction.NAK, delay_s=nak_delay_s)
+    return AckDecision(AckAction.TERM, reply_error=True, to_dlq=True)
+
+
+def delivery_info(msg: Msg) -> tuple[int, float]:
+    """(times delivered, JetStream timestamp in epoch seconds) from the message's ack subject."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4]), int(tokens[7]) / 1e9
+    try:
+        metadata = msg.metadata
+    except Exception:
+        return 1, time.time()
+    return metadata.num_delivered, metadata.timestamp.timestamp()
+
+
+class PullConsumer:
+    """A continuous pull from `stream`/`durable` into a local queue of at most about `capacity` messages."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        stream: str,
+        durable: str,
+        *,
+        capacity: int,
+        heartbeat_s: float = 2.0,
+        expires_s: float = 30.0,
+    ) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.durable = durable
+        self.capacity = max(1, capacity)
+        self.heartbeat_s = heartbeat_s
+        self.expires_s = max(expires_s, heartbeat_s * 4)
+        self._queue: deque[Msg] = deque()
+        self._ready = asyncio.Event()
+        self._pending = 0  # messages asked for and not yet received
+        self._last_seen = time.monotonic()
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._stopping = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.renewals = 0
+
+    async def start(self) -> None:
+        """Subscribe to the delivery inbox and ask for the first messages."""
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message, pending_msgs_limit=-1)
+        self._last_seen = time.monotonic()
+        await self.refill()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog-{self.durable}")
+
+    @property
+    def buffered(self) -> int:
+        """Messages received and not yet taken."""
+        return len(self._queue)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if not status:
+            self._pending = max(0, self._pending - 1)
+            self._queue.append(msg)
+            self._ready.set()
+            return
+        if status == "100":  # idle heartbeat (or flow control): the pull is alive
+            return
+        # 404/408/409 end (part of) a pull request; the header says how many asks it cancels.
+        cancelled = headers.get("Nats-Pending-Messages") if headers else None
+        if cancelled is not None and cancelled.isdigit():
+            self._pending = max(0, self._pending - int(cancelled))
+        else:
+            self._pending = 0
+        if status not in ("404", "408"):
+            logger.info(
+                "pull %s: status %s %s",
+                self.durable,
+                status,
+                headers.get("Description", "") if headers else "",
+            )
+        if not self._stopping:
+            await self.refill()
+
+    async def refill(self) -> None:
+        """Ask for more messages when less than half the capacity is buffered or on its way."""
+        if self._stopping or self._nc.is_closed or not self._nc.is_connected:
+            return
+        want = self.capacity - len(self._queue) - self._pending
+        if want < max(1, self.capacity // 2) and not (want > 0 and self._pending == 0):
+            return
+        request = {
+            "batch": want,
+            "expires": int(self.expires_s * 1e9),
+            "idle_heartbeat": int(self.heartbeat_s * 1e9),
+        }
+        self._pending += want
+        try:
+            await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
+        except Exception as exc:
+            self._pending -= want
+            logger.warning("pull %s: cannot ask for messages: %s", self.durable, exc)
+
+    async def renew(self) -> None:
+        """Forget outstanding asks (after a reconnect or a silent pull) and ask again."""
+        self.renewals += 1
+        self._pending = 0
+        self._last_seen = time.monotonic()
+        await self.refill()
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.heartbeat_s)
+            silent = time.monotonic() - self._last_seen
+            if self._pending > 0 and silent > 3 * self.heartbeat_s:
+                logger.warning(
+                    "pull %s: no message or heartbeat for %.1f s; renewing the pull", self.durable, silent
+                )
+                await self.renew()
+            elif self._pending == 0:
+                await self.refill()
+
+    async def get(self, max_items: int, max_wait_s: float, *, poll_s: float = 0.5) -> list[Msg]:
+        """Up to `max_items` messages: waits (up to `poll_s`) for the first, then up to `max_wait_s` for more.
+
+        Returns an empty list when nothing arrived within `poll_s`, so callers can check for shutdown.
+        """
+        if not self._queue:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), poll_s)
+        if not self._queue:
+            return []
+        if len(self._queue) < max_items and max_wait_s > 0:
+            deadline = time.monotonic() + max_wait_s
+            while len(self._queue) < max_items:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), remaining)
+        count = min(max_items, len(self._queue))
+        taken = [self._queue.popleft() for _ in range(count)]
+        await self.refill()
+        return taken
+
+    def take_all(self) -> list[Msg]:
+        """Everything buffered (at shutdown, to nak)."""
+        taken = list(self._queue)
+        self._queue.clear()
+        return taken
+
+    async def stop(self, linger_s: float = 0.2) -> list[Msg]:
+        """Stop asking; keep listening `linger_s` for messages already on their way; return the unstarted."""
+        self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        if self._pending and linger_s > 0:
+            await asyncio.sleep(linger_s)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        return self.take_all()

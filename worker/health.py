@@ -1,0 +1,87 @@
+"""One small HTTP server on the event loop: `/metrics`, `/healthz` (loop alive), `/readyz` (ready to serve).
+
+Because it runs on the worker's own event loop, an answer from `/healthz` proves the loop is not
+blocked; `/readyz` asks the worker (connected to NATS, every model loaded) and lists the versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["HealthServer"]
+
+logger = logging.getLogger(__name__)
+
+
+class HealthServer:
+    """Serves /metrics, /healthz and /readyz on one port."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        *,
+        host: str = "0.0.0.0",
+        port: int = 8080,
+    ) -> None:
+        self._registry = registry
+        self._readiness = readiness
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen (port 0 picks a free port, readable from `.port` afterwards)."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("health and metrics on http://%s:%d (/metrics /healthz /readyz)", self.host, self.port)
+
+    async def close(self) -> None:
+        """Stop listening. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            if path == "/metrics":
+                status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+            elif path == "/healthz":
+                status, content_type, body = 200, "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ready, detail = self._readiness()
+                status = 200 if ready else 503
+                content_type, body = "application/json", json.dumps({"ready": ready, **detail}).encode()
+            else:
+                status, content_type, body = (
+                    404,
+                    "text/plain",
+                    b"not found: try /metrics, /healthz, /readyz\n",
+                )
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

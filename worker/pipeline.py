@@ -1,0 +1,418 @@
+"""One model's serving pipeline: fetch → prepare → infer → reply → ack, as three overlapping stages.
+
+::
+
+    PullConsumer ─▶ fetch stage (decode + validate + batch, in the decode pool)
+                     ─▶ batch queue (bounded: pipeline_depth) ─▶ infer stage (one inference thread)
+                     ─▶ reply queue (bounded) ─▶ reply stage (publish replies, then ack)
+
+Fetching and decoding batch N+1 overlaps inference of batch N, and replies of batch N are
+published while N+1 runs. Every message ends in exactly one `decide_ack` decision. Messages held
+longer than half of ack_wait get `in_progress`, so slow inference is not redelivered elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from jetinfer.errors import BackendError, DeadlineExceededError, RequestError, RetryableError
+from jetinfer.protocol import (
+    HEADER_CONTENT_TYPE,
+    HEADER_MSG_ID,
+    HEADER_STATUS,
+    InferResponse,
+    Limits,
+    Tensor,
+    encode_error,
+    encode_response,
+)
+from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
+from worker.batcher import Batch, make_batches, split_outputs
+from worker.consumer import AckAction, PullConsumer, decide_ack
+from worker.metrics import WorkerMetrics
+from worker.reload import LoadedModel, ModelSlot
+from worker.requests import PreparedRequest, check_deadline, prepare_request
+from worker.settings import WorkerSettings
+
+__all__ = ["ModelServer"]
+
+logger = logging.getLogger(__name__)
+
+_STOP = None
+
+
+@dataclass
+class _Done:
+    """A batch that ran: its outputs per request, or the error that ended it."""
+
+    batch: Batch
+    loaded_version: str
+    started_at: float
+    infer_s: float
+    outputs: list[dict[str, npt.NDArray[Any]]] | None
+    error: RequestError | None
+
+
+class ModelServer:
+    """Serves one model from its consumer `worker-<model>` until stopped."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        nc: NatsClient,
+        js: JetStreamContext,
+        settings: WorkerSettings,
+        slot: ModelSlot,
+        metrics: WorkerMetrics,
+        decode_pool: ThreadPoolExecutor,
+    ) -> None:
+        self.model = model
+        self._nc = nc
+        self._js = js
+        self._settings = settings
+        self._slot = slot
+        self._metrics = metrics
+        self._decode_pool = decode_pool
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
+        self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
+        self._done: asyncio.Queue[_Done | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
+        self._held: dict[int, tuple[Msg, float]] = {}
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._consumer: PullConsumer | None = None
+        self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
+        self.batches_run = 0
+
+    @property
+    def max_batch(self) -> int:
+        """Frames per batch: the setting, capped by the serving version's config."""
+        config_max = self._slot.current.config.max_batch if self._slot.current else 1
+        return min(self._settings.max_batch or config_max, config_max)
+
+    async def start(self) -> None:
+        """Start pulling and the three stages."""
+        capacity = self.max_batch * self._settings.fetch_batches
+        self._consumer = PullConsumer(
+            self._nc,
+            INFER_STREAM,
+            consumer_name(self.model),
+            capacity=capacity,
+            heartbeat_s=self._settings.heartbeat_s,
+        )
+        await self._consumer.start()
+        self._tasks = [
+            asyncio.create_task(self._fetch_stage(), name=f"fetch-{self.model}"),
+            asyncio.create_task(self._infer_stage(), name=f"infer-{self.model}"),
+            asyncio.create_task(self._reply_stage(), name=f"reply-{self.model}"),
+            asyncio.create_task(self._progress_watchdog(), name=f"progress-{self.model}"),
+        ]
+        logger.info(
+            "model %s: serving from consumer %s (max_batch=%d)",
+            self.model,
+            consumer_name(self.model),
+            self.max_batch,
+        )
+
+    async def on_reconnect(self) -> None:
+        """After a reconnect, outstanding pulls may be gone: ask again."""
+        if self._consumer is not None:
+            await self._consumer.renew()
+
+    # -- fetch stage -------------------------------------------------------------------------------
+
+    def _prepare_chunk(self, msgs: list[Msg], config: Any, max_batch: int) -> list[PreparedRequest]:
+        return [prepare_request(m, config, max_batch=max_batch, limits=self._limits) for m in msgs]
+
+    async def _prepare(self, msgs: list[Msg]) -> tuple[list[Batch], list[PreparedRequest]]:
+        loop = asyncio.get_running_loop()
+        current = self._slot.current
+        assert current is not None
+        config, max_batch = current.config, self.max_batch
+        threads = self._settings.decode_threads
+        images = sum(
+            1 for m in msgs if m.headers and m.headers.get(HEADER_CONTENT_TYPE, "").startswith("image/")
+        )
+        if images >= 2 and threads > 1:
+            size = -(-len(msgs) // min(threads, len(msgs)))
+            chunks = [msgs[i : i + size] for i in range(0, len(msgs), size)]
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._decode_pool, self._prepare_chunk, c, config, max_batch)
+                    for c in chunks
+                )
+            )
+            prepared = [r for part in parts for r in part]
+        else:
+            prepared = await loop.run_in_executor(
+                self._decode_pool, self._prepare_chunk, msgs, config, max_batch
+            )
+        rejected = [r for r in prepared if r.error is not None]
+        batches = await loop.run_in_executor(self._decode_pool, make_batches, prepared, max_batch)
+        return batches, rejected
+
+    async def _fetch_stage(self) -> None:
+        assert self._consumer is not None
+        while not self._stopping.is_set():
+            msgs = await self._consumer.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
+            if not msgs:
+                continue
+            now = time.monotonic()
+            for msg in msgs:
+                self._held[id(msg)] = (msg, now)
+            self._metrics.inflight.labels(model=self.model).set(len(self._held))
+            try:
+                batches, rejected = await self._prepare(msgs)
+            except Exception:  # a bug in preparation must not lose the messages
+                logger.exception("model %s: preparing %d requests failed", self.model, len(msgs))
+                await asyncio.gather(*(self._nak(m, 1.0) for m in msgs))
+                continue
+            for request in rejected:
+                await self._finish(request, request.error, version="")
+            for batch in batches:
+                if self._stopping.is_set():
+                    await self._release_unstarted(batch.requests)
+                    continue
+                await self._batches.put(batch)
+        await self._batches.put(_STOP)
+
+    # -- infer stage -------------------------------------------------------------------------------
+
+    def _run(self, loaded: LoadedModel, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return loaded.backend.infer(inputs)
+
+    async def _infer_stage(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._batches.get()
+            if batch is None:
+                break
+            batch = await self._drop_expired(batch)
+            if batch is None:
+                continue
+            loaded = self._slot.acquire()
+            started = time.time()
+            t0 = time.perf_counter()
+            outputs: list[dict[str, npt.NDArray[Any]]] | None = None
+            error: RequestError | None = None
+            try:
+                raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch.inputs)
+                outputs = split_outputs(batch, raw)
+            except RequestError as exc:
+                error = exc
+            except Exception as exc:
+                error = BackendError(f"{type(exc).__name__}: {exc}")
+            finally:
+                self._slot.release(loaded)
+            infer_s = time.perf_counter() - t0
+            version = str(loaded.number)
+            self._metrics.batch_size.labels(model=self.model, version=version).observe(batch.frames)
+            self._metrics.inference.labels(model=self.model, version=version).observe(infer_s)
+            for request in batch.requests:
+                self._metrics.queue_wait.labels(model=self.model).observe(
+                    max(0.0, started - request.enqueued_at)
+                )
+            self.batches_run += 1
+            if error is not None:
+                logger.warning(
+                    "model %s v%s: batch of %d failed: %s", self.model, version, batch.frames, error
+                )
+            await self._done.put(_Done(batch, version, started, infer_s, outputs, error))
+        await self._done.put(_STOP)
+
+    async def _drop_expired(self, batch: Batch) -> Batch | None:
+        now = time.time()
+        keep = []
+        for request in batch.requests:
+            try:
+                check_deadline(request, now)
+                keep.append(request)
+            except DeadlineExceededError as exc:
+                await self._finish(request, exc, version="")
+        if not keep:
+            return None
+        if len(keep) == len(batch.requests):
+            return batch
+        return make_batches(keep, self.max_batch)[0]  # one shape key in a batch, so one batch back
+
+    # -- reply stage -------------------------------------------------------------------------------
+
+    async def _reply_stage(self) -> None:
+        while True:
+            done = await self._done.get()
+            if done is None:
+                break
+            if done.outputs is None:
+                await asyncio.gather(
+                    *(self._finish(r, done.error, version=done.loaded_version) for r in done.batch.requests)
+                )
+                continue
+            pending = []
+            for request, outputs in zip(done.batch.requests, done.outputs, strict=True):
+                pending.append(self._reply_ok(request, outputs, done))
+            await asyncio.gather(*pending)
+
+    async def _reply_ok(
+        self, request: PreparedRequest, outputs: dict[str, npt.NDArray[Any]], done: _Done
+    ) -> None:
+        now = time.time()
+        response = InferResponse(
+            id=request.request_id,
+            model_name=self.model,
+            model_version=done.loaded_version,
+            outputs=tuple(Tensor.from_numpy(name, array) for name, array in outputs.items()),
+            timing={
+                "queue_ms": round(max(0.0, done.started_at - request.enqueued_at) * 1000, 3),
+                "infer_ms": round(done.infer_s * 1000, 3),
+                "total_ms": round(max(0.0, now - request.enqueued_at) * 1000, 3),
+            },
+        )
+        try:
+            await self._publish_reply(request, encode_response(response), ok=True)
+        except RequestError as exc:
+            await self._finish(request, exc, version=done.loaded_version)
+            return
+        await self._act(request, None, version=done.loaded_version)
+
+    async def _publish_reply(self, request: PreparedRequest, body: bytes, *, ok: bool) -> None:
+        if request.reply_to is None:
+            return
+        headers = {HEADER_STATUS: "ok" if ok else "error"}
+        try:
+            if request.reply_to.startswith("results."):
+                # Durable job replies: JetStream publish, acked by the stream; the id drops redelivered twins.
+                headers[HEADER_MSG_ID] = f"reply-{request.request_id}"
+                await self._js.publish(request.reply_to, body, headers=headers, timeout=5)
+            else:
+                await self._nc.publish(request.reply_to, body, headers=headers)
+        except Exception as exc:
+            raise RetryableError(
+                f"cannot publish the reply to {request.reply_to}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _finish(self, request: PreparedRequest, error: RequestError | None, *, version: str) -> None:
+        """Answer an error (if the ack policy says so) and act."""
+        decision = decide_ack(
+            error,
+            deliveries=request.deliveries,
+            max_deliver=self._settings.max_deliver,
+            nak_delay_s=self._settings.nak_delay_s(request.deliveries),
+        )
+        if decision.reply_error and error is not None:
+            with contextlib.suppress(RequestError):
+                await self._publish_reply(
+                    request, encode_error(request.request_id, error.code, error.message), ok=False
+                )
+        if decision.to_dlq and error is not None:
+            await self._to_dlq(request, error)
+        await self._act(
+            request, error, version=version, decision_action=decision.action, delay_s=decision.delay_s
+        )
+
+    async def _act(
+        self,
+        request: PreparedRequest,
+        error: RequestError | None,
+        *,
+        version: str,
+        decision_action: AckAction | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        msg = request.msg
+        action = decision_action or AckAction.ACK
+        try:
+            if action is AckAction.ACK:
+                await msg.ack()
+            elif action is AckAction.TERM:
+                await msg.term()
+            else:
+                await msg.nak(delay=delay_s or None)
+        except Exception as exc:
+            logger.warning("model %s: %s of %s failed: %s", self.model, action.value, request.request_id, exc)
+        self._held.pop(id(msg), None)
+        self._metrics.inflight.labels(model=self.model).set(len(self._held))
+        if action is AckAction.NAK:
+            return
+        status = "ok" if error is None else error.code
+        self._metrics.requests.labels(model=self.model, version=version, status=status).inc()
+        self._metrics.request_duration.labels(model=self.model, version=version, status=status).observe(
+            max(0.0, time.time() - request.enqueued_at)
+        )
+
+    async def _to_dlq(self, request: PreparedRequest, error: RequestError) -> None:
+        headers = {k: v for k, v in (request.msg.headers or {}).items() if k != HEADER_MSG_ID}
+        headers.update(
+            {
+                "Jetinfer-Dlq-Reason": error.code,
+                "Jetinfer-Dlq-Message": error.message[:512].replace("\r", " ").replace("\n", " "),
+                "Jetinfer-Dlq-Deliveries": str(request.deliveries),
+                "Jetinfer-Request-Id": request.request_id[:256],
+                HEADER_MSG_ID: f"dlq-{request.request_id[:200]}-{request.deliveries}",
+            }
+        )
+        try:
+            await self._js.publish(dlq_subject(self.model), request.msg.data, headers=headers, timeout=5)
+        except Exception as exc:
+            logger.error("model %s: could not copy %s to the DLQ: %s", self.model, request.request_id, exc)
+
+    async def _nak(self, msg: Msg, delay_s: float) -> None:
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay_s or None)
+        self._held.pop(id(msg), None)
+
+    async def _release_unstarted(self, requests: list[PreparedRequest]) -> None:
+        await asyncio.gather(*(self._nak(r.msg, 0.0) for r in requests))
+
+    # -- in-progress watchdog ----------------------------------------------------------------------
+
+    async def _progress_watchdog(self) -> None:
+        interval = max(0.5, self._settings.ack_wait_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for key, (msg, since) in list(self._held.items()):
+                if now - since > self._settings.ack_wait_s / 2:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+                    if key in self._held:
+                        self._held[key] = (msg, now)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop fetching, finish and answer the batch in flight, nak what never started, within `grace_s`."""
+        self._stopping.set()
+        if self._consumer is not None:
+            unstarted = await self._consumer.stop()
+            await asyncio.gather(*(self._nak(m, 0.0) for m in unstarted))
+        fetch, infer, reply, watchdog = self._tasks
+        # Batches waiting for the engine never started: give them back at once.
+        while not self._batches.empty():
+            queued = self._batches.get_nowait()
+            if queued is not None:
+                await self._release_unstarted(queued.requests)
+        try:
+            await asyncio.wait_for(asyncio.gather(fetch, infer, reply), grace_s)
+        except TimeoutError:
+            logger.warning(
+                "model %s: in-flight work did not finish within %.1f s; cancelling", self.model, grace_s
+            )
+            for task in (fetch, infer, reply):
+                task.cancel()
+            await asyncio.gather(fetch, infer, reply, return_exceptions=True)
+            held = [msg for msg, _ in self._held.values()]
+            await asyncio.gather(*(self._nak(m, 0.0) for m in held))
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)

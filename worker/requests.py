@@ -1,0 +1,154 @@
+"""Turning a JetStream message into a validated request, ready to batch.
+
+`prepare_request` never raises: a bad request comes back with its `error` set, so the ack
+policy can answer it and terminate it. Validation happens before any allocation: header and
+size checks first, then msgpack's own limits, then element count × datatype size = bytes, shape
+within the model's spec, frames within max_batch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy.typing as npt
+from nats.aio.msg import Msg
+
+from jetinfer.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    RequestError,
+    TooLargeError,
+)
+from jetinfer.protocol import (
+    CONTENT_TYPE_MSGPACK,
+    HEADER_CONTENT_TYPE,
+    HEADER_DEADLINE,
+    HEADER_MSG_ID,
+    HEADER_REPLY_TO,
+    IMAGE_CONTENT_TYPES,
+    Limits,
+    decode_request,
+)
+from jetinfer.repository import ModelConfig
+from worker.consumer import delivery_info
+from worker.preprocess import preprocess_image
+
+__all__ = ["PreparedRequest", "check_deadline", "prepare_request"]
+
+_REPLY_SUBJECT: Final = re.compile(r"[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*")
+
+
+@dataclass
+class PreparedRequest:
+    """A request taken from the stream: its identity, where to reply, and its inputs or its error."""
+
+    msg: Msg
+    request_id: str
+    reply_to: str | None
+    deliveries: int
+    enqueued_at: float  # JetStream timestamp, epoch seconds
+    deadline_s: float | None = None
+    inputs: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    frames: int = 0
+    error: RequestError | None = None
+    content_type: str = CONTENT_TYPE_MSGPACK
+
+    @property
+    def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Per-frame shapes; requests with the same key can share a batch."""
+        return tuple(sorted((name, tuple(arr.shape[1:])) for name, arr in self.inputs.items()))
+
+
+def check_deadline(request: PreparedRequest, now: float | None = None) -> None:
+    """Raise DeadlineExceededError if the request's deadline has passed."""
+    if request.deadline_s is not None and (now or time.time()) > request.deadline_s:
+        raise DeadlineExceededError(
+            f"deadline passed {((now or time.time()) - request.deadline_s) * 1000:.0f} ms "
+            "before the request ran"
+        )
+
+
+def _validate(inputs: dict[str, npt.NDArray[Any]], config: ModelConfig, max_batch: int) -> int:
+    wanted = {spec.name: spec for spec in config.inputs}
+    if set(inputs) != set(wanted):
+        raise InvalidInputError(f"model {config.name} takes inputs {sorted(wanted)}, got {sorted(inputs)}")
+    frames = -1
+    for name, array in inputs.items():
+        spec = wanted[name]
+        if array.ndim < 1:
+            raise InvalidInputError(f"input {name}: the first dimension is the batch; got a scalar")
+        if not spec.accepts(array.shape[1:]):
+            raise InvalidInputError(
+                f"input {name}: per-frame shape {list(array.shape[1:])} does not fit {list(spec.shape)} "
+                f"(the first dimension is the batch)"
+            )
+        frames = array.shape[0] if frames < 0 else frames
+    if frames < 1:
+        raise InvalidInputError("a request needs at least one frame (first dimension >= 1)")
+    if frames > max_batch:
+        raise TooLargeError(f"request carries {frames} frames; model {config.name} takes at most {max_batch}")
+    return frames
+
+
+def prepare_request(msg: Msg, config: ModelConfig, *, max_batch: int, limits: Limits) -> PreparedRequest:
+    """Decode and validate one message for `config`. Never raises; errors are set on the result."""
+    headers = msg.headers or {}
+    deliveries, enqueued_at = delivery_info(msg)
+    request_id = headers.get(HEADER_MSG_ID, "")
+    reply_to = headers.get(HEADER_REPLY_TO) or None
+    request = PreparedRequest(
+        msg=msg, request_id=request_id, reply_to=reply_to, deliveries=deliveries, enqueued_at=enqueued_at
+    )
+    try:
+        if reply_to is not None and (len(reply_to) > 256 or not _REPLY_SUBJECT.fullmatch(reply_to)):
+            request.reply_to = None
+            raise InvalidInputError(f"{HEADER_REPLY_TO} {reply_to[:64]!r} is not a valid subject")
+        deadline = headers.get(HEADER_DEADLINE)
+        if deadline is not None:
+            try:
+                request.deadline_s = int(deadline) / 1000.0
+            except ValueError:
+                raise InvalidInputError(
+                    f"{HEADER_DEADLINE} must be epoch milliseconds, got {deadline[:32]!r}"
+                ) from None
+            check_deadline(request)
+        content_type = headers.get(HEADER_CONTENT_TYPE, CONTENT_TYPE_MSGPACK).split(";")[0].strip().lower()
+        request.content_type = content_type
+        if content_type in IMAGE_CONTENT_TYPES:
+            if config.preprocess is None:
+                raise InvalidInputError(f"model {config.name} takes tensors, not {content_type} images")
+            if len(msg.data) > limits.max_bytes:
+                raise TooLargeError(f"image of {len(msg.data)} bytes is over {limits.max_bytes}")
+            inputs = {config.preprocess.input: preprocess_image(msg.data, config.preprocess)}
+        elif content_type == CONTENT_TYPE_MSGPACK:
+            decoded = decode_request(msg.data, limits=limits)
+            if decoded.id != request_id and request_id:
+                raise InvalidInputError(f"body id {decoded.id!r} differs from {HEADER_MSG_ID} {request_id!r}")
+            request.request_id = decoded.id
+            wanted = {spec.name: spec.datatype for spec in config.inputs}
+            for tensor in decoded.inputs:
+                if tensor.name in wanted and tensor.datatype != wanted[tensor.name]:
+                    raise InvalidInputError(
+                        f"input {tensor.name}: datatype {tensor.datatype}; model {config.name} takes "
+                        f"{wanted[tensor.name]}"
+                    )
+            inputs = {tensor.name: tensor.to_numpy() for tensor in decoded.inputs}
+        else:
+            raise InvalidInputError(
+                f"Content-Type {content_type[:64]!r} is not one of application/msgpack, image/jpeg, image/png"
+            )
+        request.frames = _validate(inputs, config, max_batch)
+        request.inputs = inputs
+    except RequestError as exc:
+        request.error = exc
+    except Exception as exc:  # never let a malformed request escape as a crash
+        request.error = InvalidInputError(f"cannot read request: {type(exc).__name__}: {exc}")
+    if not request.request_id:
+        seq = msg.reply.split(".")[5] if msg.reply and msg.reply.count(".") >= 8 else "?"
+        request.request_id = f"seq-{seq}"
+        if request.error is None:
+            request.error = InvalidInputError(f"request has no id: set the {HEADER_MSG_ID} header")
+    return request

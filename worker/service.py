@@ -1,0 +1,242 @@
+"""The worker process: connect, register models, load them, serve, reload, report, and shut down in order.
+
+Shutdown order (SIGTERM or `stop()`): stop fetching, let the batches in flight finish and be
+answered within the grace period, nak what never started, cancel background tasks, unsubscribe,
+drain the connection, close the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Self
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from jetinfer.connection import connect
+from jetinfer.errors import SettingsError
+from jetinfer.repository import ModelRepository
+from jetinfer.streams import (
+    INFER_STREAM,
+    consumer_name,
+    ensure_consumer,
+    ensure_streams,
+    infer_subject,
+    register_model,
+    reload_subject,
+)
+from worker.health import HealthServer
+from worker.metrics import GpuProbe, WorkerMetrics
+from worker.pipeline import ModelServer
+from worker.reload import ModelSlot
+from worker.settings import WorkerSettings
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Serves every configured model from one NATS connection."""
+
+    def __init__(self, settings: WorkerSettings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry)
+        self.models = list(settings.model) or ModelRepository(settings.repository).models()
+        if not self.models:
+            raise SettingsError(
+                "model",
+                f"no models found in {settings.repository}; give --model NAME (the worker then waits for its "
+                "first version) or export one with `jetinfer export-demo`",
+            )
+        self.slots = {
+            m: ModelSlot(m, settings.repository, metrics=self.metrics, device=settings.device)
+            for m in self.models
+        }
+        self.servers: dict[str, ModelServer] = {}
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=settings.decode_threads, thread_name_prefix="decode"
+        )
+        self._subscriptions: list[Subscription] = []
+        self._background: list[asyncio.Task[None]] = []
+        self._health: HealthServer | None = None
+        self._gpu = GpuProbe()
+        self._stopped = False
+        self._start_lock = asyncio.Lock()
+
+    @property
+    def health_port(self) -> int | None:
+        """The port of /metrics, /healthz and /readyz (None when disabled)."""
+        return self._health.port if self._health else None
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when connected to NATS and every model has a loaded version."""
+        connected = self._nc is not None and self._nc.is_connected
+        models = {m: slot.describe() for m, slot in self.slots.items()}
+        ready = connected and all(slot.ready for slot in self.slots.values()) and not self._stopped
+        return ready, {"connected": connected, "models": models}
+
+    async def start(self) -> None:
+        """Connect, create streams and consumers, load models and start serving."""
+        if self.settings.metrics_port:
+            self._health = HealthServer(
+                self.registry,
+                self.readiness,
+                host=self.settings.metrics_host,
+                port=self.settings.metrics_port,
+            )
+            await self._health.start()
+        self._nc = await connect(
+            self.settings,
+            name=f"jetinfer-worker-{self.settings.worker_id}",
+            reconnected_cb=self._on_reconnect,
+        )
+        self._js = self._nc.jetstream()
+        await ensure_streams(self._js, self.settings)
+        for model in self.models:
+            await register_model(self._js, model, self.settings)
+            await ensure_consumer(self._js, model, self.settings)
+            self._subscriptions.append(
+                await self._nc.subscribe(reload_subject(model), cb=self._on_reload_signal)
+            )
+        for model in self.models:
+            result = await self.slots[model].refresh()
+            if result.status == "refused" or not self.slots[model].ready:
+                logger.warning(
+                    "model %s: no servable version yet (%s); waiting for one", model, result.message
+                )
+            await self._ensure_serving(model)
+        if self.settings.reload_poll_s > 0:
+            self._background.append(asyncio.create_task(self._poll_repository(), name="reload-poll"))
+        self._background.append(asyncio.create_task(self._poll_lag(), name="lag-poll"))
+
+    async def _ensure_serving(self, model: str) -> None:
+        async with self._start_lock:
+            if model in self.servers or not self.slots[model].ready or self._stopped:
+                return
+            assert self._nc is not None
+            assert self._js is not None
+            server = ModelServer(
+                model=model,
+                nc=self._nc,
+                js=self._js,
+                settings=self.settings,
+                slot=self.slots[model],
+                metrics=self.metrics,
+                decode_pool=self._decode_pool,
+            )
+            await server.start()
+            self.servers[model] = server
+
+    async def _on_reconnect(self) -> None:
+        for server in self.servers.values():
+            await server.on_reconnect()
+
+    async def _on_reload_signal(self, msg: Msg) -> None:
+        model = msg.subject.rsplit(".", 1)[-1]
+        slot = self.slots.get(model)
+        if slot is None:
+            return
+        result = await slot.refresh()
+        await self._ensure_serving(model)
+        if msg.reply:
+            answer = {
+                "worker": self.settings.worker_id,
+                "model": model,
+                "status": result.status,
+                "version": result.version,
+                "message": result.message,
+            }
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(answer).encode())
+
+    async def _poll_repository(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_s)
+            for model, slot in self.slots.items():
+                try:
+                    await slot.refresh()
+                    await self._ensure_serving(model)
+                except Exception:
+                    logger.exception("model %s: repository poll failed", model)
+
+    async def _poll_lag(self) -> None:
+        while True:
+            try:
+                await self.update_lag()
+                if self._gpu.available:
+                    await asyncio.to_thread(self._gpu.update, self.metrics)
+            except Exception as exc:
+                logger.debug("lag poll failed: %s", exc)
+            await asyncio.sleep(self.settings.lag_poll_s)
+
+    async def update_lag(self) -> None:
+        """Read consumer lag (num_pending + num_ack_pending) and the oldest request's age from the server."""
+        assert self._js is not None
+        for model in self.models:
+            info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
+            lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            self.metrics.consumer_lag.labels(model=model).set(lag)
+            age = 0.0
+            if lag:
+                try:
+                    oldest = await self._js.get_msg(
+                        INFER_STREAM, seq=1, next=True, subject=infer_subject(model)
+                    )
+                    if oldest.time is not None:
+                        age = max(0.0, time.time() - oldest.time.timestamp())
+                except Exception as exc:
+                    logger.debug("oldest request of %s unknown: %s", model, exc)
+            self.metrics.oldest_request_age.labels(model=model).set(age)
+
+    async def stop(self) -> None:
+        """Graceful shutdown in the fixed order. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s
+        await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await asyncio.wait_for(self._nc.drain(), 5)
+            except Exception as exc:
+                logger.warning("drain failed (%s); closing", exc)
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+        if self._health is not None:
+            await self._health.close()
+        for slot in self.slots.values():
+            await asyncio.to_thread(slot.close)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("worker stopped")
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,84 @@
+"""The worker's settings: one object per process, from flags and `JETINFER_*` variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from jetinfer.protocol import MODEL_NAME_PATTERN
+from jetinfer.settings import ConnectionSettings, StreamSettings, require, setting
+
+__all__ = ["WorkerSettings"]
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(kw_only=True)
+class WorkerSettings(ConnectionSettings, StreamSettings):
+    """Everything `jetinfer serve` can be told."""
+
+    repository: Path = setting(Path("/models"), "model repository folder (Triton layout)")
+    model: list[str] = setting(
+        [], "model to serve; repeat for several (default: every model in the repository)"
+    )
+    max_batch: int = setting(0, "most frames per batch (0: the model config's max_batch)")
+    max_wait_ms: float = setting(
+        1.0, "after the first request of a batch, wait at most this long for more (0: take what is queued)"
+    )
+    pipeline_depth: int = setting(
+        2, "prepared batches waiting for the engine (fetch/decode overlap inference)"
+    )
+    fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
+    decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")
+    nak_delays_ms: list[int] = setting(
+        [250, 1000, 5000, 15000], "growing redelivery delays after a transient error"
+    )
+    grace_period_s: float = setting(25.0, "on SIGTERM, time to finish the batches in flight before exiting")
+    metrics_host: str = setting("0.0.0.0", "address of the /metrics, /healthz and /readyz server")
+    metrics_port: int = setting(8080, "port of /metrics, /healthz and /readyz (0: disabled)")
+    device: int | None = setting(None, "GPU index (default: CUDA_VISIBLE_DEVICES / the first GPU)")
+    reload_poll_s: float = setting(30.0, "poll the repository for new versions this often (0: signal only)")
+    lag_poll_s: float = setting(5.0, "read consumer lag from the server this often (for metrics)")
+    heartbeat_s: float = setting(
+        2.0, "idle heartbeat of pull requests; a stalled pull is renewed after 3 misses"
+    )
+    worker_id: str = setting(_default_worker_id(), "this worker's name in replies to control messages")
+
+    def __post_init__(self) -> None:
+        ConnectionSettings.__post_init__(self)
+        StreamSettings.__post_init__(self)
+        require(len(str(self.repository)) > 0, "repository", "give the model repository folder")
+        for name in self.model:
+            require(
+                bool(MODEL_NAME_PATTERN.fullmatch(name)), "model", f"{name!r} must match [a-z0-9_-]{{1,64}}"
+            )
+        require(0 <= self.max_batch <= 4096, "max_batch", "must be 0..4096")
+        require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", "must be 0..10000")
+        require(1 <= self.pipeline_depth <= 16, "pipeline_depth", "must be 1..16")
+        require(1 <= self.fetch_batches <= 64, "fetch_batches", "must be 1..64")
+        require(0 <= self.decode_workers <= 256, "decode_workers", "must be 0..256")
+        require(
+            bool(self.nak_delays_ms) and all(d >= 0 for d in self.nak_delays_ms),
+            "nak_delays_ms",
+            "give one or more non-negative delays",
+        )
+        require(0 < self.grace_period_s <= 3600, "grace_period_s", "must be above 0 and at most 3600")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port (0 disables)")
+        require(self.device is None or self.device >= 0, "device", "must be a GPU index >= 0")
+        require(self.reload_poll_s >= 0, "reload_poll_s", "must be >= 0")
+        require(self.lag_poll_s > 0, "lag_poll_s", "must be above 0")
+        require(0.1 <= self.heartbeat_s <= 30, "heartbeat_s", "must be 0.1..30")
+
+    @property
+    def decode_threads(self) -> int:
+        """Threads for decoding: the setting, or one per CPU core."""
+        return self.decode_workers or max(1, os.cpu_count() or 1)
+
+    def nak_delay_s(self, deliveries: int) -> float:
+        """The redelivery delay after the `deliveries`-th failed delivery."""
+        index = min(max(deliveries, 1), len(self.nak_delays_ms)) - 1
+        return self.nak_delays_ms[index] / 1000.0
