@@ -106,6 +106,7 @@ def _dlq_config(settings: StreamSettings) -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=settings.dlq_max_age_s,
+        duplicate_window=settings.duplicate_window_s,
         num_replicas=settings.stream_replicas,
     )
 

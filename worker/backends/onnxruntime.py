@@ -35,6 +35,10 @@ class OnnxRuntimeBackend(Backend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning intra-op threads are faster alone but burn cores that decoding and NATS need:
+        # JETINFER_ORT_SPINNING=0 turns them off (measure both on your machine).
+        spinning = os.environ.get("JETINFER_ORT_SPINNING", "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         threads = intra_op_threads or int(os.environ.get("JETINFER_ORT_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
