@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 import numpy as np
 
 from builder.demo_models import DEMO_MODELS, MissingDependencyError
+from builder.models import format_bytes
 from builder.onnx_tools import check_signature, open_session, read_signature, smoke_run
 from jetinfer.errors import RepositoryError
 from jetinfer.repository import ModelConfig, ModelRepository, write_version
@@ -192,7 +193,7 @@ def _export_one(name: str, repository: Path, workdir: Path, say: Any) -> ExportR
     return ExportResult(
         name=name,
         status="written",
-        message=f"wrote {version.path} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s",
+        message=f"wrote {version.path} ({format_bytes(size)}) in {time.perf_counter() - started:.1f} s",
         version=version.version,
         path=version.path,
         size_bytes=size,
