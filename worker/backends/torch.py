@@ -1,0 +1,407 @@
+"""PyTorch backend (model.pt2 from `torch.export`): fp16 and CUDA graphs per batch bucket on a GPU.
+
+On a CUDA device (the `device` argument, else the first device CUDA_VISIBLE_DEVICES leaves visible):
+
+- the exported program is moved to the device and, with fp16 on (`JETINFER_TORCH_FP16`, default
+  on), cast to half precision; floating inputs are cast on the device, outputs are cast back to the
+  datatypes the model config gives;
+- batches are padded up to a bucket (powers of two up to max_batch, and max_batch itself), so only a
+  few shapes ever run;
+- one device buffer per input (max_batch rows) and one pinned host staging buffer per input and per
+  output are allocated at load time; each batch is copied into the pinned buffer, then to the
+  device with `non_blocking` copies on the backend's own stream;
+- with CUDA graphs on (`JETINFER_CUDA_GRAPHS`, default on) every bucket is warmed up and captured
+  at load time (largest first, sharing one memory pool), and `infer` only replays: GPU memory stays
+  flat across requests. Models with dynamic dimensions other than the batch run eagerly.
+
+On a CPU (no CUDA, as on CI): fp32, eager, exact batch sizes, same interface.
+
+Inputs are passed to the program positionally in the config's input order; outputs are matched
+to the config's outputs by position (a tensor, a tuple or list) or by name (a dict).
+torch is imported only when a backend is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
+from jetinfer.protocol import DATATYPES
+from jetinfer.repository import ModelVersion
+from worker.backends import cuda
+from worker.backends.base import Backend
+
+__all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch"]
+
+logger = logging.getLogger(__name__)
+
+_WARMUP_RUNS = 3
+
+
+def import_torch() -> Any:
+    """The `torch` module, or `ModelLoadError` if it is not installed."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ModelLoadError(f"torch is not installed; model.pt2 needs it: {exc}") from exc
+    return torch
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes that run: powers of two below max_batch, then max_batch (ascending)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+    buckets = []
+    size = 1
+    while size < max_batch:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_batch)
+    return buckets
+
+
+def _torch_dtype(torch: Any, datatype: str) -> Any:
+    return torch.from_numpy(np.empty(0, dtype=DATATYPES[datatype])).dtype
+
+
+class TorchBackend(Backend):
+    """Serves model.pt2 (a `torch.export` ExportedProgram) on a CUDA device or the CPU."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        version: ModelVersion,
+        *,
+        device: int | None = None,
+        fp16: bool | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> None:
+        super().__init__(version, device=device)
+        self._lock = threading.Lock()
+        self._torch: Any = None
+        self._module: Any = None
+        self._device: Any = None
+        self._stream: Any = None
+        self._compute_dtype: Any = None
+        self._buckets = batch_buckets(self.max_batch)
+        self._device_in: list[Any] = []  # one (max_batch, ...) device buffer per input
+        self._pinned_in: list[Any] = []  # one (max_batch, ...) pinned buffer per input
+        self._pinned_in_np: list[npt.NDArray[Any]] = []
+        self._pinned_out: list[Any] = []  # one (max_batch, ...) pinned buffer per output
+        self._pinned_out_np: list[npt.NDArray[Any]] = []
+        self._graphs: dict[int, Any] = {}  # bucket -> torch.cuda.CUDAGraph
+        self._graph_outputs: dict[int, list[Any]] = {}  # bucket -> the graph's static outputs
+        self._in_dtypes = [DATATYPES[spec.datatype] for spec in self.inputs]
+        self._out_dtypes = [DATATYPES[spec.datatype] for spec in self.outputs]
+        self._static = all(d > 0 for spec in self.inputs for d in spec.shape)
+        self.fp16 = False
+        self.cuda_graphs = False
+        try:
+            self._load(fp16, cuda_graphs)
+        except ModelLoadError:
+            self._release()
+            raise
+        except JetinferError as exc:
+            self._release()
+            raise ModelLoadError(f"{version.model_file}: {exc}") from exc
+        except Exception as exc:
+            self._release()
+            raise ModelLoadError(
+                f"{version.model_file}: torch cannot load it: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the model runs on a CUDA device."""
+        return self._device is not None and self._device.type == "cuda"
+
+    def _pick_device(self, torch: Any) -> Any:
+        path = self.version.model_file
+        if torch.cuda.is_available():
+            index = 0 if self.device is None else self.device
+            count = torch.cuda.device_count()
+            if not 0 <= index < count:
+                raise ModelLoadError(
+                    f"{path}: GPU {index} requested but {count} visible (CUDA_VISIBLE_DEVICES)"
+                )
+            return torch.device("cuda", index)
+        if self.device is not None:
+            raise ModelLoadError(
+                f"{path}: GPU {self.device} requested but torch {torch.__version__} sees no CUDA device"
+            )
+        return torch.device("cpu")
+
+    def _load(self, fp16: bool | None, cuda_graphs: bool | None) -> None:
+        torch = self._torch = import_torch()
+        path = self.version.model_file
+        self._device = self._pick_device(torch)
+        built_with = self.version.manifest.producer.get("torch")
+        if built_with and built_with.split("+")[0] != torch.__version__.split("+")[0]:
+            logger.warning(
+                "torch: %s was exported with torch %s, this is torch %s", path, built_with, torch.__version__
+            )
+        program = torch.export.load(str(path))
+        move = getattr(getattr(torch.export, "passes", None), "move_to_device_pass", None)
+        if move is not None and self.on_cuda:
+            program = move(program, self._device)  # also rewrites device arguments inside the graph
+        module = program.module().to(self._device)
+        if self.on_cuda:
+            self.fp16 = cuda.env_flag("torch_fp16", True) if fp16 is None else fp16
+            self.cuda_graphs = cuda.env_flag("cuda_graphs", True) if cuda_graphs is None else cuda_graphs
+        elif fp16:
+            logger.warning("torch: fp16 asked for but %s runs on the CPU: using fp32", path)
+        if self.fp16:
+            module = module.half()
+            self._compute_dtype = torch.float16
+        self._module = module
+        if self.on_cuda and self._static:
+            self._prepare_cuda()
+        elif self.on_cuda:
+            self.cuda_graphs = False
+            self._stream = torch.cuda.Stream(self._device)
+            logger.info("torch: %s has dynamic dimensions besides the batch: no CUDA graphs", path)
+        elif self._static:
+            with torch.inference_mode():
+                zeros = [
+                    torch.zeros((1, *spec.shape), dtype=_torch_dtype(torch, spec.datatype))
+                    for spec in self.inputs
+                ]
+                self._check_outputs(self._forward(zeros), 1)
+        logger.info(
+            "torch: loaded %s v%d on %s (%s, CUDA graphs %s, buckets %s)",
+            self.version.config.name,
+            self.version.version,
+            self._device,
+            "fp16" if self.fp16 else "fp32",
+            "on" if self.cuda_graphs else "off",
+            self._buckets if self.on_cuda else "none",
+        )
+
+    def _prepare_cuda(self) -> None:
+        """Allocate the buffers, warm up every bucket, and capture one CUDA graph per bucket."""
+        torch, device, max_batch = self._torch, self._device, self.max_batch
+        self._stream = torch.cuda.Stream(device)
+        with torch.cuda.device(device):
+            for spec in self.inputs:
+                dtype = _torch_dtype(torch, spec.datatype)
+                self._device_in.append(torch.zeros((max_batch, *spec.shape), dtype=dtype, device=device))
+                pinned = torch.zeros((max_batch, *spec.shape), dtype=dtype, pin_memory=True)
+                self._pinned_in.append(pinned)
+                self._pinned_in_np.append(pinned.numpy())
+            torch.cuda.synchronize(device)
+            with torch.cuda.stream(self._stream), torch.inference_mode():
+                for bucket in reversed(self._buckets):
+                    for _ in range(_WARMUP_RUNS):
+                        outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
+                    self._check_outputs(outputs, bucket)
+                    if bucket == max_batch:
+                        for output in outputs:
+                            pinned = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+                            self._pinned_out.append(pinned)
+                            self._pinned_out_np.append(pinned.numpy())
+            self._stream.synchronize()
+            if self.cuda_graphs:
+                self._capture()
+
+    def _capture(self) -> None:
+        torch = self._torch
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for bucket in reversed(self._buckets):  # largest first: the smaller ones fit in its memory
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=self._stream, capture_error_mode="thread_local"
+                ):
+                    outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
+                self._graphs[bucket] = graph
+                self._graph_outputs[bucket] = outputs
+        self._stream.synchronize()
+
+    def _forward(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run the program; floating inputs go in the compute dtype, outputs come back in the config's."""
+        torch = self._torch
+        if self._compute_dtype is not None:
+            inputs = [x.to(self._compute_dtype) if x.is_floating_point() else x for x in inputs]
+        result = self._module(*inputs)
+        if isinstance(result, torch.Tensor):
+            outputs = [result]
+        elif isinstance(result, dict):
+            missing = [spec.name for spec in self.outputs if spec.name not in result]
+            if missing:
+                raise ModelLoadError(f"{self.version.model_file}: the program returns no {missing}")
+            outputs = [result[spec.name] for spec in self.outputs]
+        elif isinstance(result, (tuple, list)):
+            outputs = list(result)
+        else:
+            raise ModelLoadError(f"{self.version.model_file}: the program returns a {type(result).__name__}")
+        if len(outputs) != len(self.outputs):
+            raise ModelLoadError(
+                f"{self.version.model_file}: the program returns {len(outputs)} outputs, the config names "
+                f"{len(self.outputs)}"
+            )
+        return [
+            out.to(_torch_dtype(torch, spec.datatype))
+            for out, spec in zip(outputs, self.outputs, strict=True)
+        ]
+
+    def _check_outputs(self, outputs: Sequence[Any], batch: int) -> None:
+        for output, spec in zip(outputs, self.outputs, strict=True):
+            shape = tuple(output.shape)
+            if not shape or shape[0] != batch or not spec.accepts(shape[1:]):
+                raise ModelLoadError(
+                    f"{self.version.model_file}: output {spec.name!r} has shape {list(shape)} for a batch of "
+                    f"{batch}, the config says [batch, {', '.join(map(str, spec.shape))}]"
+                )
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def _validate(self, inputs: dict[str, npt.NDArray[Any]]) -> int:
+        """Check names, shapes, dtypes and batch size; return the batch size."""
+        wanted = sorted(spec.name for spec in self.inputs)
+        if sorted(inputs) != wanted:
+            raise InvalidInputError(f"inputs {sorted(inputs)} given, the model takes {wanted}")
+        batch = -1
+        for spec, dtype in zip(self.inputs, self._in_dtypes, strict=True):
+            array = inputs[spec.name]
+            if array.ndim != len(spec.shape) + 1 or not spec.accepts(array.shape[1:]):
+                raise InvalidInputError(
+                    f"input {spec.name!r}: shape {list(array.shape)}, the model takes "
+                    f"[batch, {', '.join(map(str, spec.shape))}]"
+                )
+            if not np.can_cast(array.dtype, dtype, "same_kind"):
+                raise InvalidInputError(
+                    f"input {spec.name!r}: {array.dtype} given, the model takes {spec.datatype}"
+                )
+            if batch not in (-1, array.shape[0]):
+                raise InvalidInputError(f"inputs have different batch sizes ({batch} and {array.shape[0]})")
+            batch = array.shape[0]
+        if batch < 1:
+            raise InvalidInputError("empty batch")
+        if batch > self.max_batch:
+            raise TooLargeError(f"batch of {batch} is over max_batch {self.max_batch}")
+        return batch
+
+    def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run one batch (padded to its bucket on a GPU)."""
+        with self._lock:
+            if self._closed or self._module is None:
+                raise BackendError("backend is closed")
+            batch = self._validate(inputs)
+            torch = self._torch
+            try:
+                with torch.inference_mode():
+                    if not self.on_cuda:
+                        return self._infer_cpu(inputs)
+                    with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+                        if self._static:
+                            return self._infer_static(inputs, batch)
+                        return self._infer_dynamic(inputs)
+            except JetinferError:
+                raise
+            except torch.cuda.OutOfMemoryError as exc:
+                raise BackendError(f"torch ran out of GPU memory on a batch of {batch}: {exc}") from exc
+            except Exception as exc:
+                raise BackendError(f"torch failed: {type(exc).__name__}: {exc}") from exc
+
+    def _tensors_from(self, inputs: dict[str, npt.NDArray[Any]]) -> list[Any]:
+        torch, tensors = self._torch, []
+        for spec, dtype in zip(self.inputs, self._in_dtypes, strict=True):
+            array = np.ascontiguousarray(inputs[spec.name], dtype=dtype)
+            if not array.flags.writeable:
+                array = array.copy()  # torch wants writable memory
+            tensors.append(torch.from_numpy(array))
+        return tensors
+
+    def _outputs_to_numpy(self, outputs: Sequence[Any]) -> dict[str, npt.NDArray[Any]]:
+        return {spec.name: out.cpu().numpy() for spec, out in zip(self.outputs, outputs, strict=True)}
+
+    def _infer_cpu(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return self._outputs_to_numpy(self._forward(self._tensors_from(inputs)))
+
+    def _infer_dynamic(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        tensors = [t.pin_memory().to(self._device, non_blocking=True) for t in self._tensors_from(inputs)]
+        result = self._outputs_to_numpy(self._forward(tensors))
+        self._stream.synchronize()
+        return result
+
+    def _infer_static(self, inputs: dict[str, npt.NDArray[Any]], batch: int) -> dict[str, npt.NDArray[Any]]:
+        bucket = next(b for b in self._buckets if b >= batch)
+        for spec, staged, pinned, device_buffer in zip(
+            self.inputs, self._pinned_in_np, self._pinned_in, self._device_in, strict=True
+        ):
+            np.copyto(staged[:batch], inputs[spec.name], casting="same_kind")
+            device_buffer[:batch].copy_(pinned[:batch], non_blocking=True)
+        graph = self._graphs.get(bucket)
+        if graph is not None:
+            graph.replay()
+            outputs = self._graph_outputs[bucket]
+        else:
+            outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
+        for output, pinned in zip(outputs, self._pinned_out, strict=True):
+            pinned[:batch].copy_(output[:batch], non_blocking=True)
+        self._stream.synchronize()
+        return {
+            spec.name: staged[:batch].copy()
+            for spec, staged in zip(self.outputs, self._pinned_out_np, strict=True)
+        }
+
+    @property
+    def graph_count(self) -> int:
+        """How many CUDA graphs are captured (one per bucket with graphs on, else 0)."""
+        return len(self._graphs)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes a GPU batch is padded up to."""
+        return tuple(self._buckets)
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        torch = self._torch
+        on_cuda = self.on_cuda
+        if on_cuda and self._stream is not None:
+            try:
+                self._stream.synchronize()
+            except Exception:
+                logger.exception("torch: synchronising before release failed")
+        for graph in self._graphs.values():
+            try:
+                graph.reset()
+            except Exception:
+                logger.exception("torch: releasing a CUDA graph failed")
+        self._graphs.clear()
+        self._graph_outputs.clear()
+        self._device_in.clear()
+        self._pinned_in.clear()
+        self._pinned_in_np.clear()
+        self._pinned_out.clear()
+        self._pinned_out_np.clear()
+        self._module = None
+        self._stream = None
+        if on_cuda and torch is not None:
+            try:
+                torch.cuda.synchronize(self._device)
+                torch.cuda.empty_cache()
+            except Exception:
+                logger.exception("torch: emptying the CUDA cache failed")
+
+    def close(self) -> None:
+        """Free graphs, buffers and the module, and return cached GPU memory. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._release()
+            super().close()
+
+
+BACKEND = TorchBackend
