@@ -160,10 +160,14 @@ class Tensor:
             raise TooLargeError(
                 f"{where} of shape {shape} needs {expected} bytes; at most {limits.max_bytes}"
             )
+        if max(shape) > limits.max_bytes:  # only an empty tensor gets here: numpy could not shape it
+            raise TooLargeError(f"{where}.shape {shape} has a dimension over {limits.max_bytes}")
         if expected != len(data):
             raise InvalidInputError(
                 f"{where}: shape {shape} of {datatype} needs {expected} bytes, but data has {len(data)}"
             )
+        if datatype == "BOOL" and data and np.frombuffer(data, dtype=np.uint8).max() > 1:
+            raise InvalidInputError(f"{where}: BOOL data must hold only the bytes 0x00 and 0x01")
         return cls(name=name, datatype=datatype, shape=tuple(shape), data=data)
 
 
@@ -242,6 +246,8 @@ def _scalar_parameters(obj: object) -> dict[str, str | int | float | bool]:
     if not isinstance(obj, dict):
         raise InvalidInputError("parameters must be a map of string to scalar")
     for key, value in obj.items():
+        if not isinstance(key, str):
+            raise InvalidInputError(f"parameter names must be strings, got {type(key).__name__} {key!r:.64}")
         if not isinstance(value, str | int | float | bool):
             raise InvalidInputError(f"parameter {key!r} must be a scalar, got {type(value).__name__}")
     return obj
@@ -322,6 +328,10 @@ def decode_reply(raw: bytes, *, limits: Limits = Limits(max_bytes=256 * 1024 * 1
     if not isinstance(outputs, list):
         raise InvalidInputError("reply outputs must be a list")
     timing = obj.get("timing") or {}
+    if isinstance(timing, dict) and not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in timing.values()
+    ):
+        raise InvalidInputError("reply timing values must be numbers")
     return InferResponse(
         id=reply_id,
         model_name=str(obj.get("model_name", "")),
