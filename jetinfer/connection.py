@@ -1,19 +1,29 @@
-"""Connecting to NATS with the credentials and TLS from `ConnectionSettings`."""
+"""Connecting to NATS with the credentials, TLS and inbox prefix from `ConnectionSettings`.
+
+The first connection is bounded: it keeps trying while servers do not answer, for at most
+`nats_connect_timeout_s`, and gives up at once on a refusal that retrying cannot fix (wrong
+credentials, an untrusted certificate). Either way the caller gets one `ConnectionError` whose
+message names the setting to fix, never a hang. Once connected, the client reconnects forever.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 
-import nats
 from nats.aio.client import Client as NatsClient
 
-from jetinfer.settings import ConnectionSettings
+from jetinfer.settings import ConnectionSettings, env_name, flag_name
 
-__all__ = ["connect", "tls_context"]
+__all__ = ["connect", "explain_connect_failure", "tls_context"]
 
 logger = logging.getLogger(__name__)
+
+_AUTH_MARKERS = ("authorization violation", "authentication", "authorization")
+_TLS_MARKERS = ("certificate", "ssl", "tls")
 
 
 def tls_context(settings: ConnectionSettings) -> ssl.SSLContext | None:
@@ -28,6 +38,57 @@ def tls_context(settings: ConnectionSettings) -> ssl.SSLContext | None:
     return context
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".lower()
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    return any(marker in _describe(exc) for marker in _AUTH_MARKERS)
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    return isinstance(exc, ssl.SSLError) or any(marker in _describe(exc) for marker in _TLS_MARKERS)
+
+
+def _flags(*names: str) -> str:
+    return ", ".join(f"{flag_name(n)} ({env_name(n)})" for n in names)
+
+
+def explain_connect_failure(settings: ConnectionSettings, cause: BaseException | None) -> str:
+    """A one-line explanation of a failed first connection that names the setting to fix."""
+    where = f"cannot connect to NATS at {settings.nats_url}"
+    detail = f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else "no answer"
+    if cause is not None and _is_auth_failure(cause):
+        in_use = [
+            names
+            for names, value in (
+                (("nats_user", "nats_password"), settings.nats_user),
+                (("nats_token",), settings.nats_token),
+                (("nats_nkey_seed_file",), settings.nats_nkey_seed_file),
+                (("nats_creds_file",), settings.nats_creds_file),
+            )
+            if value is not None
+        ]
+        if in_use:
+            return f"{where}: the server refused the credentials ({detail}); check {_flags(*in_use[0])}"
+        return (
+            f"{where}: the server requires authentication ({detail}); set "
+            f"{_flags('nats_user', 'nats_password')}, or {_flags('nats_token')}, "
+            f"or {_flags('nats_nkey_seed_file')}, or {_flags('nats_creds_file')}"
+        )
+    if cause is not None and _is_tls_failure(cause):
+        return (
+            f"{where}: TLS failed ({detail}); check {_flags('nats_tls_ca_file')} (the CA that signed the "
+            f"server's certificate) and, for mutual TLS, {_flags('nats_tls_cert_file', 'nats_tls_key_file')}"
+        )
+    if isinstance(cause, ModuleNotFoundError):
+        return f"{where}: {detail}; nkey and credentials-file authentication need `pip install nkeys`"
+    return (
+        f"{where} within {settings.nats_connect_timeout_s:g} s: {detail}; "
+        f"check {_flags('nats_url')}, that nats-server runs, and the credential settings"
+    )
+
+
 async def connect(
     settings: ConnectionSettings,
     *,
@@ -36,12 +97,26 @@ async def connect(
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
 ) -> NatsClient:
     """Connect to NATS; reconnects forever afterwards. Raises ConnectionError naming the fix."""
+    connected = False
+    failures: list[BaseException] = []
+    refused = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
+        if not connected:
+            failures.append(exc)
+            logger.debug("nats: connecting: %s: %s", type(exc).__name__, exc)
+            if _is_auth_failure(exc) or _is_tls_failure(exc):
+                refused.set()
+            return
         logger.warning("nats: %s: %s", type(exc).__name__, exc)
 
     async def on_disconnect() -> None:
-        logger.warning("nats: disconnected")
+        if not connected:
+            return
+        if nc.is_closed or nc.is_draining:
+            logger.debug("nats: connection closed")
+        else:
+            logger.warning("nats: disconnected; reconnecting")
         if disconnected_cb is not None:
             await disconnected_cb()
 
@@ -61,6 +136,7 @@ async def connect(
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
         "pending_size": 64 * 1024 * 1024,
+        "inbox_prefix": settings.nats_inbox_prefix,
     }
     if settings.nats_user is not None:
         options["user"] = settings.nats_user
@@ -71,14 +147,38 @@ async def connect(
         options["nkeys_seed"] = str(settings.nats_nkey_seed_file)
     if settings.nats_creds_file is not None:
         options["user_credentials"] = str(settings.nats_creds_file)
-    context = tls_context(settings)
+    try:
+        context = tls_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionError(explain_connect_failure(settings, exc)) from exc
     if context is not None:
         options["tls"] = context
+
+    nc = NatsClient()
+    attempt = asyncio.create_task(nc.connect(**options), name="nats-connect")  # type: ignore[arg-type]
+    refusal = asyncio.create_task(refused.wait(), name="nats-connect-refused")
     try:
-        return await nats.connect(**options)  # type: ignore[arg-type]
-    except Exception as exc:
-        raise ConnectionError(
-            f"cannot connect to NATS at {settings.nats_url}: "
-            f"{type(exc).__name__}: {exc or 'no answer'}; "
-            "check --nats-url (JETINFER_NATS_URL) and the credential settings"
-        ) from exc
+        await asyncio.wait(
+            {attempt, refusal}, timeout=settings.nats_connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        refusal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refusal
+    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+        connected = True
+        return nc
+    cause: BaseException | None = None
+    if attempt.done() and not attempt.cancelled():
+        cause = attempt.exception()
+    else:
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await attempt
+    refusals = [f for f in failures if _is_auth_failure(f) or _is_tls_failure(f)]
+    cause = (
+        refusals[-1] if refusals else (cause if cause is not None else (failures[-1] if failures else None))
+    )
+    with contextlib.suppress(Exception):
+        await nc.close()
+    raise ConnectionError(explain_connect_failure(settings, cause)) from cause

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -192,6 +193,10 @@ class ConnectionSettings:
     nats_tls_key_file: Path | None = setting(None, "client private key for mutual TLS")
     nats_connect_timeout_s: float = setting(5.0, "seconds to wait for a connection before failing")
     nats_name: str = setting("jetinfer", "client name shown in the server's connection list")
+    nats_inbox_prefix: str = setting(
+        "_INBOX",
+        "prefix of this client's reply inboxes (e.g. _INBOX.<client>, to match per-client permissions)",
+    )
 
     def __post_init__(self) -> None:
         urls = [u.strip() for u in self.nats_url.split(",") if u.strip()]
@@ -233,6 +238,11 @@ class ConnectionSettings:
             "a client certificate needs its key, and a key its certificate",
         )
         require(self.nats_connect_timeout_s > 0, "nats_connect_timeout_s", "must be above 0")
+        require(
+            bool(re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", self.nats_inbox_prefix)),
+            "nats_inbox_prefix",
+            f"{self.nats_inbox_prefix!r} must be a subject without wildcards, such as _INBOX.producer_a",
+        )
 
     @property
     def servers(self) -> list[str]:
