@@ -226,14 +226,14 @@ def test_examples_and_dashboard_configmap_are_valid_kubernetes(version: str) -> 
         for path in sorted((DEPLOY / "examples").glob("*.yaml"))
         for d in yaml.safe_load_all(path.read_text())
     ]
-    docs += list(kustomize("deploy/grafana"))
+    docs += list(kustomize("deploy/grafana")) + list(kustomize("deploy/examples/second-model"))
     kinds = set()
     for doc in docs:
         if doc["apiVersion"].startswith(CRD_GROUPS):
             continue
         kubernetes_validate.validate(doc, version, strict=True)
         kinds.add(doc["kind"])
-    assert {"Secret", "Job", "ConfigMap"} <= kinds
+    assert {"Secret", "Job", "ConfigMap", "Deployment"} <= kinds
 
 
 def test_kubernetes_validation_catches_a_misspelled_field() -> None:
@@ -313,7 +313,8 @@ def lag_component_render(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict
 
 
 def test_keda_objects_match_kedas_crd_schemas(lag_component_render: tuple[dict[str, Any], ...]) -> None:
-    docs = [one(rendered(o), "ScaledObject") for o in OVERLAYS] + [one(lag_component_render, "ScaledObject")]
+    docs = [one(kustomize(k), "ScaledObject") for k in WORKER_KUSTOMIZATIONS]
+    docs.append(one(lag_component_render, "ScaledObject"))
     docs += [
         d
         for d in yaml.safe_load_all((DEPLOY / "examples" / "triggerauthentication.yaml").read_text())
@@ -344,9 +345,12 @@ def served_model(deployment: dict[str, Any]) -> str:
     return model
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_scaledobject_reads_the_consumer_the_worker_creates(overlay: str) -> None:
-    docs = rendered(overlay)
+WORKER_KUSTOMIZATIONS = ("deploy/overlays/gpu", "deploy/overlays/cpu", "deploy/examples/second-model")
+
+
+@pytest.mark.parametrize("kustomization", WORKER_KUSTOMIZATIONS)
+def test_scaledobject_reads_the_consumer_the_worker_creates(kustomization: str) -> None:
+    docs = kustomize(kustomization)
     deployment, scaled = one(docs, "Deployment"), one(docs, "ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
@@ -394,6 +398,52 @@ def test_worker_lag_component_replaces_the_nats_trigger(
     assert lag["query"].lstrip().startswith("max("), "each worker reports the same consumer: max, not sum"
     # Nobody exports the lag while no worker runs: this variant cannot scale from zero.
     assert scaled["spec"]["minReplicaCount"] >= 1
+
+
+def test_second_model_gets_its_own_workers_and_scaler() -> None:
+    base = rendered("gpu")
+    second = kustomize("deploy/examples/second-model")
+    assert sorted(d["kind"] for d in second) == ["Deployment", "ScaledObject"]
+    first_deployment, deployment = one(base, "Deployment"), one(second, "Deployment")
+    scaled = one(second, "ScaledObject")
+    assert served_model(deployment) == "resnet50"
+    assert scaled["spec"]["triggers"][0]["metadata"]["consumer"] == consumer_name("resnet50")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"] != "jetinfer-worker"
+    assert scaled["metadata"]["name"] != one(base, "ScaledObject")["metadata"]["name"]
+    # Selectors must not overlap, or the two Deployments would fight over each other's pods.
+    first_selector = first_deployment["spec"]["selector"]["matchLabels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector["jetinfer.io/model"] == "resnet50" != first_selector["jetinfer.io/model"]
+    # Shared: the model volume and the workers' ServiceAccount and Secrets from deploy/overlays/gpu.
+    pod = deployment["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {one(base, "PersistentVolumeClaim")["metadata"]["name"]}
+    assert pod["serviceAccountName"] == one(base, "ServiceAccount")["metadata"]["name"]
+    assert container(deployment, "worker")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The shared PDB, NetworkPolicy, Service and PodMonitor select the second model's pods too.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        spec = one(base, kind)["spec"]
+        assert (spec.get("selector") or spec["podSelector"])["matchLabels"].items() <= labels.items(), kind
+
+
+def test_gpu_trigger_counts_only_its_own_models_pods() -> None:
+    # Deployment pods are named <deployment>-<ReplicaSet hash>-<5 characters>.
+    def pods(deployment: dict[str, Any]) -> list[str]:
+        name = deployment["metadata"]["name"]
+        return [f"{name}-7d4b9c8f6d-x2k9p", f"{name}-5f6b7cd9b-qwz4m"]
+
+    def patterns(scaled: dict[str, Any]) -> list[str]:
+        (gpu,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+        found = re.findall(r'pod=~"([^"]+)"', gpu["metadata"]["query"])
+        assert len(found) == 2  # `pod` and `exported_pod`
+        return found
+
+    first, second = rendered("gpu"), kustomize("deploy/examples/second-model")
+    for own, other in ((first, second), (second, first)):
+        for pattern in patterns(one(own, "ScaledObject")):
+            assert all(re.fullmatch(pattern, pod) for pod in pods(one(own, "Deployment"))), pattern
+            assert not any(re.fullmatch(pattern, pod) for pod in pods(one(other, "Deployment"))), pattern
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1041,6 +1091,7 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
 
         async def on_reload(msg: Any) -> None:
             reloads.append(msg.subject)
+            await msg.respond(b'{"status": "loaded"}')
 
         await worker.subscribe("jetinfer.control.reload.>", cb=on_reload)
 
@@ -1082,8 +1133,9 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
             )
 
         # The sidecar announces reloads, and nothing else.
-        sidecar = await connect("sidecar", "_INBOX.sidecar")
-        await sidecar.publish("jetinfer.control.reload.demo", b"")
+        sidecar = await connect("sidecar")
+        answer = await sidecar.request("jetinfer.control.reload.demo", b"{}", timeout=2)
+        assert answer.data == b'{"status": "loaded"}'
         await sidecar.publish("infer.demo", b"not a sidecar's business")
         for client in clients:
             await client.flush()
