@@ -61,7 +61,9 @@ def test_public_names_are_declared() -> None:
         module = importlib.import_module(module_name)
         for name in module.__all__:
             assert hasattr(module, name), f"{module_name}.__all__ names missing {name}"
-    assert isinstance(builder.__all__, list)
+    for name in builder.__all__:
+        assert getattr(builder, name) is not None, f"builder.__all__ names missing {name}"
+    assert sorted(builder.__all__) == sorted(set(builder.__all__))
 
 
 # -- export-demo ---------------------------------------------------------------------------------------
