@@ -1021,6 +1021,25 @@ def test_nats_values_run_a_replicated_jetstream_cluster() -> None:
     assert auth["config"]["merge"]["$include"].endswith("accounts.conf")
 
 
+def manifest_inbox(container_name: str) -> str:
+    """The inbox prefix the worker pod gives one of its containers (JETINFER_NATS_INBOX_PREFIX)."""
+    env = env_of(container(one(rendered("gpu"), "Deployment"), container_name))
+    return env["JETINFER_NATS_INBOX_PREFIX"]
+
+
+WORKER_INBOX = "_INBOX.worker"
+SIDECAR_INBOX = "_INBOX.sidecar"
+
+
+def test_pods_use_the_inboxes_accounts_conf_permits() -> None:
+    # The live test below connects with these prefixes; the pods must use the same ones.
+    assert manifest_inbox("worker") == WORKER_INBOX
+    assert manifest_inbox("sidecar") == SIDECAR_INBOX
+    accounts = (DEPLOY / "nats" / "accounts.conf").read_text()
+    for prefix in (WORKER_INBOX, SIDECAR_INBOX):
+        assert f'"{prefix}.>"' in accounts
+
+
 @pytest.fixture
 def accounts_server(tmp_path: Path) -> Iterator[str]:
     """A nats-server running deploy/nats/accounts.conf with JetStream, on a free loopback port."""
@@ -1075,7 +1094,7 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
 
     try:
         # The worker creates the stream and its consumer, as `jetinfer serve` does at start.
-        worker = await connect("worker")
+        worker = await connect("worker", WORKER_INBOX)
         wjs = worker.jetstream()
         await wjs.add_stream(
             StreamConfig(name=INFER_STREAM, subjects=["infer.demo"], retention=RetentionPolicy.WORK_QUEUE)
@@ -1120,6 +1139,7 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
         (msg,) = await sub.fetch(1, timeout=2)
         assert msg.data == b"request"
         await worker.publish(msg.headers["Jetinfer-Reply-To"], b"reply")
+        await worker.subscribe("_INBOX.producer_a.>")  # replying into an inbox does not mean reading it
         await msg.ack()
         await wjs.publish("results.producer_a.job1", b"durable reply")
 
@@ -1133,7 +1153,7 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
             )
 
         # The sidecar announces reloads, and nothing else.
-        sidecar = await connect("sidecar")
+        sidecar = await connect("sidecar", SIDECAR_INBOX)
         answer = await sidecar.request("jetinfer.control.reload.demo", b"{}", timeout=2)
         assert answer.data == b'{"status": "loaded"}'
         await sidecar.publish("infer.demo", b"not a sidecar's business")
@@ -1146,7 +1166,9 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
 
         assert replies == [b"reply"]
         assert reloads == ["jetinfer.control.reload.demo"]
-        assert violations["worker"] == []
+        assert violations["worker"] == [
+            'nats: permissions violation for subscription to "_inbox.producer_a.>"'
+        ]
         producer_violations = "\n".join(violations["producer_a"])
         assert 'subscription to "_inbox.producer_b.>"' in producer_violations
         assert 'publish to "$js.api.consumer.msg.next.infer.worker-demo"' in producer_violations
