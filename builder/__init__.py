@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from builder.build import BuildOptions, BuildResult, build, load_config_file
-from builder.demo_models import DEMO_MODELS, MissingDependencyError, imagenet_labels
+from builder.demo_models import MissingDependencyError, imagenet_labels
 from builder.export import ExportResult, export_demo
 from builder.models import RepositoryReport, format_report, inspect_repository
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from builder.sidecar import Sidecar, SidecarSettings, WorkerAnswer, run_sidecar
 
 __all__ = [
-    "DEMO_MODELS",
     "BuildOptions",
     "BuildResult",
     "ExportResult",
