@@ -380,6 +380,8 @@ def test_scaledobject_reads_the_consumer_the_worker_creates(kustomization: str) 
     assert unknown_series(gpu["query"], JETINFER_SERIES) == set()
 
     assert spec["minReplicaCount"] == 0, "scale to zero: INFER keeps the registration while no worker runs"
+    # desired = ceil(metric / threshold) per trigger needs AverageValue (also what KEDA's fallback requires).
+    assert {t.get("metricType") for t in spec["triggers"]} == {"AverageValue"}
     assert spec["cooldownPeriod"] > 0
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] > 0
@@ -1159,8 +1161,14 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
         await sidecar.publish("infer.demo", b"not a sidecar's business")
         for client in clients:
             await client.flush()
-        for _ in range(100):
-            if replies and reloads and len(violations["sidecar"]) >= 1:
+        # Replies and permission errors arrive asynchronously: wait (up to 5 s) until all are in.
+        for _ in range(250):
+            if (
+                replies
+                and violations["sidecar"]
+                and violations["worker"]
+                and len(violations["producer_a"]) >= 3
+            ):
                 break
             await asyncio.sleep(0.02)
 
