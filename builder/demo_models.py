@@ -21,10 +21,10 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from jetinfer.labels import imagenet_labels
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
 
 if TYPE_CHECKING:
@@ -54,16 +54,6 @@ IMAGENET_STD: Final = (58.395, 57.12, 57.375)
 
 class MissingDependencyError(ImportError):
     """A package a demo model needs is not installed; the message names it and how to get it."""
-
-
-@cache
-def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet class labels, in class order (281-285 are cats)."""
-    text = (Path(__file__).parent / "data" / "imagenet_labels.txt").read_text(encoding="utf-8")
-    labels = tuple(line for line in text.splitlines() if line.strip())
-    if len(labels) != 1000:
-        raise RuntimeError(f"builder/data/imagenet_labels.txt has {len(labels)} labels, expected 1000")
-    return labels
 
 
 def _classifier_config(
