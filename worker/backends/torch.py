@@ -23,9 +23,14 @@ torch is imported only when a backend is created.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
+import os
 import threading
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,25 @@ __all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch"]
 logger = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 3
+
+# Streams given back by closed backends, per device, for the next backend to reuse. torch keeps a cuBLAS
+# workspace (~32 MiB) for every stream that ran a matmul, for the life of the process; reusing streams
+# keeps GPU memory flat across model reloads instead of growing by a workspace per reload.
+_free_streams: dict[int, list[Any]] = {}
+_free_streams_lock = threading.Lock()
+
+
+def _acquire_stream(torch: Any, device: Any) -> Any:
+    with _free_streams_lock:
+        free = _free_streams.get(device.index)
+        if free:
+            return free.pop()
+    return torch.cuda.Stream(device)
+
+
+def _return_stream(device: Any, stream: Any) -> None:
+    with _free_streams_lock:
+        _free_streams.setdefault(device.index, []).append(stream)
 
 
 def import_torch() -> Any:
@@ -66,6 +90,35 @@ def batch_buckets(max_batch: int) -> list[int]:
     return buckets
 
 
+_PARALLEL_COPY_BYTES = 8 * 1024 * 1024
+_COPY_THREADS = min(8, os.cpu_count() or 1)
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
+
+
+def _stage(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
+    """Copy a batch into pinned memory; large batches in row chunks on a few threads (numpy drops the GIL)."""
+    global _copy_pool
+    rows = src.shape[0]
+    if src.nbytes < _PARALLEL_COPY_BYTES or rows < 2:
+        np.copyto(dst, src, casting="same_kind")
+        return
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(
+                max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="stage"
+            )
+        pool = _copy_pool
+    bounds = np.linspace(0, rows, min(rows, _COPY_THREADS) + 1, dtype=int)
+    futures = [
+        pool.submit(np.copyto, dst[start:end], src[start:end], casting="same_kind")
+        for start, end in itertools.pairwise(bounds)
+        if end > start
+    ]
+    for future in futures:
+        future.result()
+
+
 def _torch_dtype(torch: Any, datatype: str) -> Any:
     return torch.from_numpy(np.empty(0, dtype=DATATYPES[datatype])).dtype
 
@@ -82,6 +135,7 @@ class TorchBackend(Backend):
         device: int | None = None,
         fp16: bool | None = None,
         cuda_graphs: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__(version, device=device)
         self._lock = threading.Lock()
@@ -103,8 +157,9 @@ class TorchBackend(Backend):
         self._static = all(d > 0 for spec in self.inputs for d in spec.shape)
         self.fp16 = False
         self.cuda_graphs = False
+        self.channels_last = False
         try:
-            self._load(fp16, cuda_graphs)
+            self._load(fp16, cuda_graphs, channels_last)
         except ModelLoadError:
             self._release()
             raise
@@ -140,7 +195,7 @@ class TorchBackend(Backend):
             )
         return torch.device("cpu")
 
-    def _load(self, fp16: bool | None, cuda_graphs: bool | None) -> None:
+    def _load(self, fp16: bool | None, cuda_graphs: bool | None, channels_last: bool | None) -> None:
         torch = self._torch = import_torch()
         path = self.version.model_file
         self._device = self._pick_device(torch)
@@ -149,47 +204,108 @@ class TorchBackend(Backend):
             logger.warning(
                 "torch: %s was exported with torch %s, this is torch %s", path, built_with, torch.__version__
             )
-        program = torch.export.load(str(path))
-        move = getattr(getattr(torch.export, "passes", None), "move_to_device_pass", None)
-        if move is not None and self.on_cuda:
-            program = move(program, self._device)  # also rewrites device arguments inside the graph
-        module = program.module().to(self._device)
+        with warnings.catch_warnings():
+            # torch's own loader wraps the archive's read-only bytes in tensors (torch 2.11 warns, once).
+            warnings.filterwarnings(
+                "ignore", message="The given buffer is not writable", category=UserWarning
+            )
+            program = torch.export.load(str(path))
         if self.on_cuda:
-            self.fp16 = cuda.env_flag("torch_fp16", True) if fp16 is None else fp16
+            try:
+                from torch.export.passes import move_to_device_pass
+            except ImportError:  # older torch: device arguments inside the graph stay as exported
+                pass
+            else:
+                program = move_to_device_pass(program, self._device)
             self.cuda_graphs = cuda.env_flag("cuda_graphs", True) if cuda_graphs is None else cuda_graphs
-        elif fp16:
-            logger.warning("torch: fp16 asked for but %s runs on the CPU: using fp32", path)
-        if self.fp16:
-            module = module.half()
-            self._compute_dtype = torch.float16
-        self._module = module
+            self._module = self._fastest_module(
+                program,
+                cuda.env_flag("torch_fp16", True) if fp16 is None else fp16,
+                cuda.env_flag("torch_channels_last", True) if channels_last is None else channels_last,
+            )
+        else:
+            if fp16 or channels_last:
+                logger.warning("torch: %s runs on the CPU: fp32, contiguous", path)
+            self._module = program.module()
         if self.on_cuda and self._static:
             self._prepare_cuda()
         elif self.on_cuda:
             self.cuda_graphs = False
-            self._stream = torch.cuda.Stream(self._device)
+            self._stream = _acquire_stream(torch, self._device)
             logger.info("torch: %s has dynamic dimensions besides the batch: no CUDA graphs", path)
         elif self._static:
             with torch.inference_mode():
-                zeros = [
-                    torch.zeros((1, *spec.shape), dtype=_torch_dtype(torch, spec.datatype))
-                    for spec in self.inputs
-                ]
-                self._check_outputs(self._forward(zeros), 1)
+                self._check_outputs(self._forward(self._probe_inputs()), 1)
         logger.info(
-            "torch: loaded %s v%d on %s (%s, CUDA graphs %s, buckets %s)",
+            "torch: loaded %s v%d on %s (%s%s, CUDA graphs %s, buckets %s)",
             self.version.config.name,
             self.version.version,
             self._device,
             "fp16" if self.fp16 else "fp32",
+            ", channels-last" if self.channels_last else "",
             "on" if self.cuda_graphs else "off",
             self._buckets if self.on_cuda else "none",
         )
 
+    def _probe_inputs(self) -> list[Any]:
+        """Zeros of batch 1 for every input (of a model without dynamic dimensions) on its device."""
+        torch = self._torch
+        return [
+            torch.zeros(
+                (1, *spec.shape),
+                dtype=_torch_dtype(torch, spec.datatype),
+                device=self._device,
+            )
+            for spec in self.inputs
+        ]
+
+    def _fastest_module(self, program: Any, fp16: bool, channels_last: bool) -> Any:
+        """The program's module in the fastest form it runs correctly in: fp16 / channels-last if asked.
+
+        Not every exported graph survives a cast (a `.float()` or a `view` inside it can refuse half
+        precision or channels-last tensors): each form is probed with one batch, falling back to
+        fp16 without channels-last, then to fp32.
+        """
+        torch = self._torch
+        forms = [(fp16, channels_last), (fp16, False), (False, False)]
+        tried: list[tuple[bool, bool]] = []
+        for half, nhwc in forms:
+            if (half, nhwc) in tried:
+                continue
+            tried.append((half, nhwc))
+            module = program.module().to(self._device)
+            module = module.to(torch.float16 if half else torch.float32)
+            if nhwc:
+                module = module.to(memory_format=torch.channels_last)
+            self._module, self.fp16, self.channels_last = module, half, nhwc
+            self._compute_dtype = torch.float16 if half else None
+            if not self._static:
+                return module  # no fixed shape to probe with: errors show at inference
+            try:
+                with torch.cuda.device(self._device), torch.inference_mode():
+                    self._check_outputs(self._forward(self._probe_inputs()), 1)
+                    torch.cuda.synchronize(self._device)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                if (half, nhwc) == (False, False):
+                    raise
+                logger.warning(
+                    "torch: %s does not run %s%s (%s: %s); trying without",
+                    self.version.model_file,
+                    "in fp16" if half else "",
+                    " channels-last" if nhwc else "",
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            return module
+        raise AssertionError("unreachable: the fp32 form either returns or raises")
+
     def _prepare_cuda(self) -> None:
         """Allocate the buffers, warm up every bucket, and capture one CUDA graph per bucket."""
         torch, device, max_batch = self._torch, self._device, self.max_batch
-        self._stream = torch.cuda.Stream(device)
+        self._stream = _acquire_stream(torch, device)
         with torch.cuda.device(device):
             for spec in self.inputs:
                 dtype = _torch_dtype(torch, spec.datatype)
@@ -231,6 +347,8 @@ class TorchBackend(Backend):
         torch = self._torch
         if self._compute_dtype is not None:
             inputs = [x.to(self._compute_dtype) if x.is_floating_point() else x for x in inputs]
+        if self.channels_last:
+            inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
         result = self._module(*inputs)
         if isinstance(result, torch.Tensor):
             outputs = [result]
@@ -338,7 +456,7 @@ class TorchBackend(Backend):
         for spec, staged, pinned, device_buffer in zip(
             self.inputs, self._pinned_in_np, self._pinned_in, self._device_in, strict=True
         ):
-            np.copyto(staged[:batch], inputs[spec.name], casting="same_kind")
+            _stage(staged[:batch], inputs[spec.name])
             device_buffer[:batch].copy_(pinned[:batch], non_blocking=True)
         graph = self._graphs.get(bucket)
         if graph is not None:
@@ -369,11 +487,13 @@ class TorchBackend(Backend):
     def _release(self) -> None:
         torch = self._torch
         on_cuda = self.on_cuda
-        if on_cuda and self._stream is not None:
+        stream, self._stream = self._stream, None
+        if on_cuda and stream is not None:
             try:
-                self._stream.synchronize()
+                stream.synchronize()
             except Exception:
                 logger.exception("torch: synchronising before release failed")
+                stream = None  # not reused
         for graph in self._graphs.values():
             try:
                 graph.reset()
@@ -387,8 +507,12 @@ class TorchBackend(Backend):
         self._pinned_out.clear()
         self._pinned_out_np.clear()
         self._module = None
-        self._stream = None
+        if on_cuda and stream is not None:
+            _return_stream(self._device, stream)
         if on_cuda and torch is not None:
+            # An exported GraphModule sits in reference cycles: collect it now, so that its weights
+            # leave the GPU with this close and not at some later garbage collection.
+            gc.collect()
             try:
                 torch.cuda.synchronize(self._device)
                 torch.cuda.empty_cache()
