@@ -94,13 +94,13 @@ def test_buckets_are_powers_of_two_then_max_batch() -> None:
 
 
 def test_large_batches_are_staged_on_several_threads() -> None:
-    from worker.backends.torch import _stage
+    from worker.backends.cuda import stage
 
     src = np.random.default_rng(0).standard_normal((37, 3, 112, 112)).astype(np.float32)  # 5.6 MB
     big = np.concatenate([src, src])  # over the 8 MiB threshold: copied in row chunks
     for source in (src, big):
         dst = np.zeros_like(source)
-        _stage(dst, source)
+        stage(dst, source)
         np.testing.assert_array_equal(dst, source)
 
 

@@ -426,7 +426,7 @@ class TensorRTBackend(Backend):
                 shape = (run_batch, *array.shape[1:])
                 staged = tensor.host.view(tensor.dtype, shape)
                 try:
-                    np.copyto(staged[:batch], array, casting="same_kind")
+                    cuda.stage(staged[:batch], array)
                 except TypeError as exc:
                     raise InvalidInputError(
                         f"input {name!r}: {array.dtype} given, the model takes {tensor.datatype}"
