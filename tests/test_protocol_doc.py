@@ -321,9 +321,11 @@ def test_the_subjects_are_the_ones_jetinfer_uses() -> None:
 
 def test_the_dlq_headers_are_the_ones_the_worker_writes() -> None:
     documented = {code_span(row[0]) for row in table_rows("## Dead-letter queue", "header")}
-    source = (REPO / "worker" / "pipeline.py").read_text(encoding="utf-8")
-    written = set(re.findall(r'"(Jetinfer-[A-Za-z-]+)"', source[source.index("def _to_dlq") :]))
-    assert written, "the worker's DLQ headers were not found in worker/pipeline.py"
+    written = set()
+    for module in sorted((REPO / "worker").glob("*.py")):
+        source = module.read_text(encoding="utf-8")
+        written |= set(re.findall(r'"(Jetinfer-(?:Dlq-[A-Za-z]+|Request-Id))"', source))
+    assert written, "the worker's DLQ headers were not found in worker/*.py"
     assert documented == written | {HEADER_MSG_ID}
 
 
