@@ -18,7 +18,14 @@ from jetinfer.errors import JetinferError
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
-COMMAND_MODULES: Final = ("worker.cli", "producer.cli", "builder.cli", "jetinfer.demo")
+COMMAND_MODULES: Final = (
+    "worker.cli",
+    "worker.engine_bench",
+    "producer.cli",
+    "producer.bench",
+    "builder.cli",
+    "jetinfer.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ __all__ = ["Prediction", "imagenet_labels", "top_k"]
 @cache
 def imagenet_labels() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class labels in class-index order (281-285 are cats)."""
-    text = resources.files("jetinfer").joinpath("data/imagenet_labels.txt").read_text()
+    text = (Path(__file__).parent / "data" / "imagenet_labels.txt").read_text(encoding="utf-8")
     return tuple(line for line in text.splitlines() if line)
 
 

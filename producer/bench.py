@@ -1,0 +1,586 @@
+"""`jetinfer bench`: a load generator, with the engine-only and bare-loop baselines in the same run.
+
+Closed loop (`--concurrency`, several values sweep) or open loop (`--rate`), JPEG or tensor
+payloads with several frames per message. Reports throughput, p50/p90/p99/max latency, the batch
+sizes the worker formed (scraped from its /metrics) and errors by code. With `--embedded` it starts
+a nats-server and the worker (or the bare nats-py loop, `--bare`) as subprocesses; `--engine-only`
+times the same model called directly, so the ratios come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jetinfer.embedded import EmbeddedNatsServer, free_port
+from jetinfer.errors import JetinferError, RequestError, SettingsError
+from jetinfer.protocol import DATATYPES
+from jetinfer.repository import ModelRepository
+from jetinfer.settings import ConnectionSettings, require
+from producer.client import Client, Payload
+
+__all__ = [
+    "BenchPoint",
+    "LatencySummary",
+    "closed_loop",
+    "open_loop",
+    "register",
+    "scrape_worker_metrics",
+    "summarize",
+]
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Throughput and latency percentiles of one load level."""
+
+    requests: int
+    frames: int
+    elapsed_s: float
+    requests_per_s: float
+    frames_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def summarize(
+    latencies_s: Sequence[float],
+    elapsed_s: float,
+    *,
+    frames_per_request: int = 1,
+    errors: Counter[str] | None = None,
+) -> LatencySummary:
+    """Percentiles (nearest-rank) and rates of the successful requests' latencies."""
+    ordered = sorted(latencies_s)
+    count = len(ordered)
+
+    def rank(q: float) -> float:
+        if not ordered:
+            return math.nan
+        return ordered[max(0, math.ceil(q * count) - 1)] * 1000
+
+    return LatencySummary(
+        requests=count,
+        frames=count * frames_per_request,
+        elapsed_s=elapsed_s,
+        requests_per_s=count / elapsed_s if elapsed_s > 0 else 0.0,
+        frames_per_s=count * frames_per_request / elapsed_s if elapsed_s > 0 else 0.0,
+        p50_ms=rank(0.50),
+        p90_ms=rank(0.90),
+        p99_ms=rank(0.99),
+        max_ms=ordered[-1] * 1000 if ordered else math.nan,
+        mean_ms=sum(ordered) / count * 1000 if ordered else math.nan,
+        errors=dict(errors or {}),
+    )
+
+
+@dataclass
+class BenchPoint:
+    """One load level's result, with what the worker reported for it."""
+
+    mode: str
+    load: float
+    summary: LatencySummary
+    mean_batch: float | None = None
+    batches: int | None = None
+
+
+async def closed_loop(
+    client: Client,
+    model: str,
+    payload: Payload,
+    *,
+    concurrency: int,
+    duration_s: float,
+    timeout_s: float = 30.0,
+    progress: Any = None,
+    input_name: str = "input",
+) -> tuple[list[float], Counter[str], float]:
+    """`concurrency` users each sending a request as soon as the previous one is answered."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    deadline = time.perf_counter() + duration_s
+
+    async def user() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
+            except (RequestError, JetinferError) as exc:
+                errors[getattr(exc, "code", type(exc).__name__)] += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+async def open_loop(
+    client: Client,
+    model: str,
+    payload: Payload,
+    *,
+    rate: float,
+    duration_s: float,
+    timeout_s: float = 30.0,
+    progress: Any = None,
+    input_name: str = "input",
+) -> tuple[list[float], Counter[str], float]:
+    """Requests sent at `rate` per second regardless of replies; latency counts from the scheduled time."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    total = max(1, int(rate * duration_s))
+    started = time.perf_counter()
+
+    async def one(scheduled: float) -> None:
+        try:
+            await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
+        except (RequestError, JetinferError) as exc:
+            errors[getattr(exc, "code", type(exc).__name__)] += 1
+            return
+        latencies.append(time.perf_counter() - scheduled)
+        if progress is not None:
+            progress.update()
+
+    tasks = []
+    for index in range(total):
+        scheduled = started + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    return latencies, errors, time.perf_counter() - started
+
+
+def scrape_worker_metrics(url: str) -> dict[str, float]:
+    """Batch count and frame sum, and requests, from a worker's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out = {"batches": 0.0, "frames": 0.0, "requests": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "jetinfer_batch_size_count":
+                out["batches"] += sample.value
+            elif sample.name == "jetinfer_batch_size_sum":
+                out["frames"] += sample.value
+            elif sample.name == "jetinfer_requests_total":
+                out["requests"] += sample.value
+    return out
+
+
+def _cat_jpeg(size: int | None) -> bytes:
+    from PIL import Image
+
+    try:
+        import skimage.data
+
+        image = Image.fromarray(skimage.data.chelsea())  # type: ignore[no-untyped-call]
+    except ImportError:
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 255, (300, 450, 3), dtype=np.uint8))
+    if size:
+        image = image.resize((size, size))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Payload, int]:
+    """(payload, frames per request) for the chosen kind."""
+    if args.payload == "jpeg":
+        return (args.image.read_bytes() if args.image else _cat_jpeg(args.image_size)), 1
+    shape: list[int] | None = None
+    datatype = "FP32"
+    if args.shape:
+        shape = [int(s) for s in args.shape.split(",")]
+    elif repository is not None:
+        spec = ModelRepository(repository).config(args.model).inputs[0]
+        shape = [d if d > 0 else 256 for d in spec.shape]
+        datatype = spec.datatype
+    if shape is None:
+        raise SettingsError(
+            "shape", "give --shape (per frame) or --repository to read the model's input shape"
+        )
+    rng = np.random.default_rng(0)
+    array: npt.NDArray[Any] = rng.standard_normal((args.frames, *shape)).astype(DATATYPES[datatype])
+    return array, args.frames
+
+
+def _engine_only(repository: Path, model: str, batches: list[int], duration_s: float) -> list[dict[str, Any]]:
+    command = [
+        sys.executable,
+        "-m",
+        "jetinfer.cli",
+        "--log-level",
+        "WARNING",
+        "engine-bench",
+        "--repository",
+        str(repository),
+        "--model",
+        model,
+        "--duration-s",
+        str(duration_s),
+        "--json",
+    ]
+    for batch in batches:
+        command += ["--batch", str(batch)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"engine-bench failed: {result.stderr[-2000:]}")
+    parsed: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def _wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited with {process.returncode} before it was ready")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+@contextlib.asynccontextmanager
+async def embedded_stack(
+    repository: Path, model: str, *, bare: bool, worker_args: Sequence[str]
+) -> AsyncIterator[tuple[str, str | None]]:
+    """A nats-server and a worker (or the bare loop) subprocess; yields (nats url, metrics url or None)."""
+    async with EmbeddedNatsServer() as server:
+        metrics_port = free_port()
+        if bare:
+            command = [sys.executable, "-m", "worker.bare_loop", "--nats-url", server.url, "--model", model]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "jetinfer.cli",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--nats-url",
+                server.url,
+                "--repository",
+                str(repository),
+                "--model",
+                model,
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--reload-poll-s",
+                "0",
+                *worker_args,
+            ]
+        process = await asyncio.to_thread(subprocess.Popen, command, stdout=subprocess.PIPE, stderr=None)
+        try:
+            if bare:
+                assert process.stdout is not None
+                line = await asyncio.to_thread(process.stdout.readline)
+                if b"ready" not in line:
+                    raise RuntimeError("the bare loop did not start")
+                yield server.url, None
+            else:
+                await asyncio.to_thread(
+                    _wait_http_ok, f"http://127.0.0.1:{metrics_port}/readyz", 120, process
+                )
+                yield server.url, f"http://127.0.0.1:{metrics_port}/metrics"
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(process.wait, 30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    await asyncio.to_thread(process.wait)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+async def _run_levels(
+    args: argparse.Namespace, url: str, metrics_url: str | None, payload: Payload, frames: int, mode: str
+) -> list[BenchPoint]:
+    from tqdm import tqdm
+
+    points = []
+    settings = ConnectionSettings(nats_url=url)
+    levels = args.rate if args.rate else args.concurrency
+    async with Client(settings=settings) as client:
+        # Warm up: the first requests pay for connections, caches and the engine's first batches.
+        await closed_loop(
+            client,
+            args.model,
+            payload,
+            concurrency=max(1, min(levels)),
+            duration_s=args.warmup_s,
+            input_name=args.input_name,
+        )
+        for level in levels:
+            before = scrape_worker_metrics(metrics_url) if metrics_url else None
+            progress = tqdm(
+                desc=f"{mode} {'rate' if args.rate else 'concurrency'} {level:g}",
+                unit="req",
+                leave=False,
+                file=sys.stderr,
+                disable=args.no_progress,
+            )
+            if args.rate:
+                lat, errors, elapsed = await open_loop(
+                    client,
+                    args.model,
+                    payload,
+                    rate=level,
+                    duration_s=args.duration_s,
+                    progress=progress,
+                    input_name=args.input_name,
+                )
+            else:
+                lat, errors, elapsed = await closed_loop(
+                    client,
+                    args.model,
+                    payload,
+                    concurrency=int(level),
+                    duration_s=args.duration_s,
+                    progress=progress,
+                    input_name=args.input_name,
+                )
+            progress.close()
+            point = BenchPoint(
+                mode, float(level), summarize(lat, elapsed, frames_per_request=frames, errors=errors)
+            )
+            if metrics_url and before is not None:
+                after = scrape_worker_metrics(metrics_url)
+                point.batches = int(after["batches"] - before["batches"])
+                if point.batches:
+                    point.mean_batch = (after["frames"] - before["frames"]) / point.batches
+            points.append(point)
+    return points
+
+
+def _table(points: list[BenchPoint], engine: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'mode':<8} {'load':>7} {'req/s':>9} {'frames/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'batch':>6} errors"
+    ]
+    for p in points:
+        s = p.summary
+        batch = f"{p.mean_batch:.1f}" if p.mean_batch else "-"
+        lines.append(
+            f"{p.mode:<8} {p.load:>7g} {s.requests_per_s:>9.1f} {s.frames_per_s:>9.1f} {s.p50_ms:>8.2f} "
+            f"{s.p90_ms:>8.2f} {s.p99_ms:>8.2f} {s.max_ms:>8.2f} {batch:>6} {s.errors or '-'}"
+        )
+    for row in engine:
+        lines.append(
+            f"{'engine':<8} {row['batch']:>7} {'':>9} {row['frames_per_s']:>9.1f} "
+            f"{row['latency_ms_p50']:>8.2f}"
+        )
+    best_engine = max((row["frames_per_s"] for row in engine), default=0.0)
+    best = {
+        mode: max(p.summary.frames_per_s for p in points if p.mode == mode)
+        for mode in {p.mode for p in points}
+    }
+    if best_engine:
+        for mode, value in sorted(best.items()):
+            lines.append(f"ratio {mode}/engine-only (best frames/s): {value / best_engine:.3f}")
+    if "worker" in best and "bare" in best and best["bare"]:
+        lines.append(f"ratio worker/bare loop (best frames/s): {best['worker'] / best['bare']:.3f}")
+    return "\n".join(lines)
+
+
+def _plot(points: list[BenchPoint], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SettingsError("plot", "needs matplotlib: pip install 'jetinfer[bench]'") from None
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for mode in sorted({p.mode for p in points}):
+        mine = [p for p in points if p.mode == mode]
+        for quantile, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+            axis.plot(
+                [p.summary.frames_per_s for p in mine],
+                [getattr(p.summary, quantile) for p in mine],
+                style,
+                label=f"{mode} {quantile[:3]}",
+            )
+    axis.set_xlabel("throughput (frames/s)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    axis.set_title("jetinfer bench: latency against throughput")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every requested measurement; returns the report."""
+    repository: Path | None = args.repository
+    if args.embedded and repository is None:
+        from jetinfer.demo import _default_cache, ensure_demo_model
+
+        repository = _default_cache()
+        if args.model == "efficientnet_lite0":
+            await asyncio.to_thread(ensure_demo_model, repository)
+    payload, frames = make_payload(args, repository)
+    points: list[BenchPoint] = []
+    engine: list[dict[str, Any]] = []
+    if args.embedded:
+        assert repository is not None
+        modes = ["worker", "bare"] if args.bare else ["worker"]
+        for mode in modes:
+            async with embedded_stack(
+                repository, args.model, bare=mode == "bare", worker_args=args.worker_arg or []
+            ) as (url, metrics_url):
+                points += await _run_levels(args, url, metrics_url, payload, frames, mode)
+    else:
+        points += await _run_levels(args, args.nats_url, args.metrics_url, payload, frames, "worker")
+    if args.engine_only:
+        if repository is None:
+            raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
+        batches = args.engine_batch or sorted({1, ModelRepository(repository).config(args.model).max_batch})
+        engine = await asyncio.to_thread(_engine_only, repository, args.model, batches, args.duration_s)
+    report = {
+        "model": args.model,
+        "payload": args.payload,
+        "frames_per_request": frames,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "date": time.strftime("%Y-%m-%d"),
+        "points": [{**asdict(p), "summary": asdict(p.summary)} for p in points],
+        "engine_only": engine,
+        "table": _table(points, engine),
+    }
+    if args.plot:
+        _plot(points, args.plot)
+    return report
+
+
+def register(subparsers: Any) -> None:
+    """Add the `bench` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench",
+        help="load-test a worker (closed or open loop) and compare with engine-only and bare-loop baselines",
+        description="Measure end-to-end throughput and latency through NATS. With --embedded, starts a "
+        "nats-server and a worker (and with --bare the bare nats-py loop) as subprocesses.",
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument(
+        "--nats-url",
+        default=os.environ.get("JETINFER_NATS_URL", "nats://127.0.0.1:4222"),
+        help="NATS server of a running worker (env JETINFER_NATS_URL)",
+    )
+    target.add_argument("--metrics-url", default=None, help="a running worker's /metrics, for batch sizes")
+    target.add_argument("--embedded", action="store_true", help="start nats-server and the worker here")
+    target.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="model repository (with --embedded; default: the demo cache)",
+    )
+    target.add_argument("--model", default="efficientnet_lite0", help="model to load")
+    target.add_argument(
+        "--worker-arg",
+        action="append",
+        default=None,
+        metavar="ARG",
+        help="extra `jetinfer serve` argument for the embedded worker, e.g. --worker-arg=--max-wait-ms=2",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="closed loop: requests in flight; several values sweep",
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        default=None,
+        help="open loop: requests per second (instead of --concurrency); several values sweep",
+    )
+    load.add_argument("--duration-s", type=float, default=10.0, help="seconds per load level")
+    load.add_argument("--warmup-s", type=float, default=2.0, help="seconds of warm-up before measuring")
+    payload = parser.add_argument_group("payload")
+    payload.add_argument(
+        "--payload", choices=["jpeg", "tensor"], default="jpeg", help="what each request carries"
+    )
+    payload.add_argument("--image", type=Path, default=None, help="JPEG to send (default: the cat photo)")
+    payload.add_argument(
+        "--image-size", type=int, default=224, help="resize the default photo to this square"
+    )
+    payload.add_argument("--frames", type=int, default=1, help="tensor payloads: frames per message")
+    payload.add_argument("--shape", default=None, help="tensor payloads: per-frame shape, e.g. 3,224,224")
+    payload.add_argument("--input-name", default="input", help="tensor payloads: input name")
+    baselines = parser.add_argument_group("baselines")
+    baselines.add_argument("--engine-only", action="store_true", help="also time the model called directly")
+    baselines.add_argument(
+        "--engine-batch",
+        type=int,
+        action="append",
+        default=None,
+        help="batch sizes for --engine-only (default 1 and max_batch)",
+    )
+    baselines.add_argument(
+        "--bare",
+        action="store_true",
+        help="with --embedded: also run the bare fetch/ack/reply loop in place of the worker",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json", type=Path, default=None, help="write the report as JSON here ('-' for stdout)"
+    )
+    output.add_argument("--plot", type=Path, default=None, help="write latency against throughput as a PNG")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    require(args.duration_s > 0, "duration_s", "must be above 0")
+    require(all(c >= 1 for c in args.concurrency), "concurrency", "must be at least 1")
+    require(args.rate is None or all(r > 0 for r in args.rate), "rate", "must be above 0")
+    require(args.frames >= 1, "frames", "must be at least 1")
+    require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
+    report = asyncio.run(run_bench(args))
+    if args.json is not None:
+        text = json.dumps(report, indent=2, default=str)
+        if str(args.json) == "-":
+            print(text)
+        else:
+            args.json.write_text(text)
+    print(report["table"])
+    return 0

@@ -1,0 +1,107 @@
+"""`jetinfer engine-bench`: time a model called directly, with no NATS in the way.
+
+The same backend the worker loads, on preprocessed inputs of the model's own shapes, at the batch
+sizes given. `jetinfer bench --engine-only` runs this in a subprocess (as the worker runs in one)
+and compares it with the end-to-end figures of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jetinfer.protocol import DATATYPES
+from jetinfer.repository import ModelRepository
+from worker.backends.base import load_backend
+
+__all__ = ["engine_bench", "register"]
+
+
+def engine_bench(
+    repository: Path, model: str, batches: list[int], *, duration_s: float = 5.0, device: int | None = None
+) -> list[dict[str, Any]]:
+    """Throughput and latency of the model's newest version at each batch size."""
+    repo = ModelRepository(repository)
+    version = repo.load_version(model, repo.candidates(model)[0])
+    backend = load_backend(version, device=device)
+    rng = np.random.default_rng(0)
+    results = []
+    try:
+        for batch in batches:
+            inputs = {
+                spec.name: rng.standard_normal((batch, *[d if d > 0 else 256 for d in spec.shape])).astype(
+                    DATATYPES[spec.datatype]
+                )
+                for spec in version.config.inputs
+            }
+            for _ in range(3):
+                backend.infer(inputs)
+            latencies: list[float] = []
+            started = time.perf_counter()
+            while time.perf_counter() - started < duration_s or len(latencies) < 5:
+                t0 = time.perf_counter()
+                backend.infer(inputs)
+                latencies.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - started
+            results.append(
+                {
+                    "batch": batch,
+                    "frames_per_s": batch * len(latencies) / elapsed,
+                    "latency_ms_p50": statistics.median(latencies) * 1000,
+                    "latency_ms_mean": statistics.fmean(latencies) * 1000,
+                    "calls": len(latencies),
+                    "backend": version.backend,
+                    "version": version.version,
+                }
+            )
+    finally:
+        backend.close()
+    return results
+
+
+def register(subparsers: Any) -> None:
+    """Add the `engine-bench` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "engine-bench",
+        help="time a model called directly (no NATS), at several batch sizes",
+        description="Load the newest version of MODEL with the worker's backend and time infer() on random "
+        "inputs of the model's shapes. Prints a table, or JSON with --json.",
+    )
+    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--model", required=True, help="model name")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        default=None,
+        help="batch size to time; repeat for several (default: 1 and the model's max_batch)",
+    )
+    parser.add_argument("--duration-s", type=float, default=5.0, help="seconds to time each batch size")
+    parser.add_argument("--device", type=int, default=None, help="GPU index for GPU backends")
+    parser.add_argument("--json", action="store_true", help="print JSON (one list) instead of a table")
+    parser.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    batches = args.batch
+    if not batches:
+        config = ModelRepository(args.repository).config(args.model)
+        batches = sorted({1, config.max_batch})
+    results = engine_bench(
+        args.repository, args.model, batches, duration_s=args.duration_s, device=args.device
+    )
+    if args.json:
+        json.dump(results, sys.stdout)
+        print()
+        return 0
+    print(f"{'batch':>6} {'frames/s':>10} {'p50 ms':>9}")
+    for row in results:
+        print(f"{row['batch']:>6} {row['frames_per_s']:>10.1f} {row['latency_ms_p50']:>9.2f}")
+    return 0
