@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[export,demo,video,bench,dev]"
 	# tensorrt-stubs declares the full TensorRT as a dependency, which cannot be installed here: stubs only.
 	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs>=10.13"
+	$(BIN)/python .ci/patch_tensorrt_stubs.py
 	touch $(STAMP)
 
 demo: install
