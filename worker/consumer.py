@@ -31,6 +31,7 @@ __all__ = [
     "AckAction",
     "AckDecision",
     "PullConsumer",
+    "Received",
     "decide_ack",
     "delivery_info",
 ]
@@ -94,6 +95,18 @@ def delivery_info(msg: Msg) -> tuple[int, float]:
     return metadata.num_delivered, metadata.timestamp.timestamp()
 
 
+@dataclass(slots=True, eq=False)
+class Received:
+    """A message this worker holds, and when it last told the server so (arrival, ack or in-progress)."""
+
+    msg: Msg
+    touched: float
+
+
+#: Pull statuses that end a pull request normally (expired, or nothing to deliver): ask again at once.
+_NORMAL_END = frozenset({"404", "408"})
+
+
 class PullConsumer:
     """A continuous pull from `stream`/`durable` into a local queue of at most about `capacity` messages."""
 
@@ -113,7 +126,7 @@ class PullConsumer:
         self.capacity = max(1, capacity)
         self.heartbeat_s = heartbeat_s
         self.expires_s = max(expires_s, heartbeat_s * 4)
-        self._queue: deque[Msg] = deque()
+        self._queue: deque[Received] = deque()
         self._ready = asyncio.Event()
         self._pending = 0  # messages asked for and not yet received
         self._last_seen = time.monotonic()
@@ -121,6 +134,7 @@ class PullConsumer:
         self._sub: Subscription | None = None
         self._stopping = False
         self._watchdog: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
         self.renewals = 0
 
     async def start(self) -> None:
@@ -142,7 +156,7 @@ class PullConsumer:
         status = headers.get("Status") if headers else None
         if not status:
             self._pending = max(0, self._pending - 1)
-            self._queue.append(msg)
+            self._queue.append(Received(msg, self._last_seen))
             self._ready.set()
             return
         if status == "100":  # idle heartbeat (or flow control): the pull is alive
@@ -153,15 +167,25 @@ class PullConsumer:
             self._pending = max(0, self._pending - int(cancelled))
         else:
             self._pending = 0
-        if status not in ("404", "408"):
-            logger.info(
-                "pull %s: status %s %s",
-                self.durable,
-                status,
-                headers.get("Description", "") if headers else "",
-            )
-        if not self._stopping:
-            await self.refill()
+        if status in _NORMAL_END:
+            if not self._stopping:
+                await self.refill()
+            return
+        # 409 (leadership change, consumer deleted, max waiting), 503 (JetStream not ready after a restart):
+        # ask again after a pause, not at once, so a server that is coming back is not flooded.
+        logger.info(
+            "pull %s: status %s %s; asking again in %.1f s",
+            self.durable,
+            status,
+            headers.get("Description", "") if headers else "",
+            self.heartbeat_s / 2,
+        )
+        if not self._stopping and (self._retry is None or self._retry.done()):
+            self._retry = asyncio.create_task(self._refill_later(self.heartbeat_s / 2))
+
+    async def _refill_later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.refill()
 
     async def refill(self) -> None:
         """Ask for more messages when less than half the capacity is buffered or on its way."""
@@ -201,7 +225,11 @@ class PullConsumer:
             elif self._pending == 0:
                 await self.refill()
 
-    async def get(self, max_items: int, max_wait_s: float, *, poll_s: float = 0.5) -> list[Msg]:
+    def buffered_entries(self) -> list[Received]:
+        """The messages received and not yet taken (the in-progress watchdog keeps them alive too)."""
+        return list(self._queue)
+
+    async def get(self, max_items: int, max_wait_s: float, *, poll_s: float = 0.5) -> list[Received]:
         """Up to `max_items` messages: waits (up to `poll_s`) for the first, then up to `max_wait_s` for more.
 
         Returns an empty list when nothing arrived within `poll_s`, so callers can check for shutdown.
@@ -228,7 +256,7 @@ class PullConsumer:
 
     def take_all(self) -> list[Msg]:
         """Everything buffered (at shutdown, to nak)."""
-        taken = list(self._queue)
+        taken = [entry.msg for entry in self._queue]
         self._queue.clear()
         return taken
 
@@ -240,6 +268,11 @@ class PullConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
             self._watchdog = None
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+            self._retry = None
         if self._pending and linger_s > 0:
             await asyncio.sleep(linger_s)
         if self._sub is not None:

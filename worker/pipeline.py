@@ -7,8 +7,13 @@
                      ─▶ reply queue (bounded) ─▶ reply stage (publish replies, then ack)
 
 Fetching and decoding batch N+1 overlaps inference of batch N, and replies of batch N are
-published while N+1 runs. Every message ends in exactly one `decide_ack` decision. Messages held
-longer than half of ack_wait get `in_progress`, so slow inference is not redelivered elsewhere.
+published while N+1 runs. Every message ends in exactly one `decide_ack` decision.
+
+Every message this worker holds, from its arrival (still buffered in the pull, waiting for the
+engine, or running) until its ack, gets `in_progress` once a third of ack_wait has passed since it
+last told the server, so a slow batch is not redelivered to a second worker. A batch that fails
+is run again one request at a time, so one poison request fails alone and its batch-mates are
+answered.
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from jetinfer.errors import BackendError, DeadlineExceededError, RequestError, RetryableError
+from jetinfer.errors import BackendError, DeadlineExceededError, RequestError
 from jetinfer.protocol import (
     HEADER_CONTENT_TYPE,
     HEADER_MSG_ID,
-    HEADER_STATUS,
     InferResponse,
     Limits,
     Tensor,
@@ -39,9 +43,10 @@ from jetinfer.protocol import (
 )
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
-from worker.consumer import AckAction, PullConsumer, decide_ack
+from worker.consumer import AckAction, PullConsumer, Received, decide_ack
 from worker.metrics import WorkerMetrics
 from worker.reload import LoadedModel, ModelSlot
+from worker.replies import publish_reply
 from worker.requests import PreparedRequest, check_deadline, prepare_request
 from worker.settings import WorkerSettings
 
@@ -52,16 +57,24 @@ logger = logging.getLogger(__name__)
 _STOP = None
 
 
+Outputs = dict[str, npt.NDArray[Any]]
+
+
 @dataclass
 class _Done:
-    """A batch that ran: its outputs per request, or the error that ended it."""
+    """A batch that ran: per request, its outputs or the error that ended it."""
 
     batch: Batch
     loaded_version: str
     started_at: float
     infer_s: float
-    outputs: list[dict[str, npt.NDArray[Any]]] | None
-    error: RequestError | None
+    results: list[Outputs | RequestError]
+
+
+def _request_error(exc: BaseException) -> RequestError:
+    if isinstance(exc, RequestError):
+        return exc
+    return BackendError(f"{type(exc).__name__}: {exc}")
 
 
 class ModelServer:
@@ -88,12 +101,14 @@ class ModelServer:
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
         self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
         self._done: asyncio.Queue[_Done | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
-        self._held: dict[int, tuple[Msg, float]] = {}
+        self._held: dict[int, Received] = {}
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer: PullConsumer | None = None
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
         self.batches_run = 0
+        self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
+        self.isolated_runs = 0  # single-request re-runs after a failed batch
 
     @property
     def max_batch(self) -> int:
@@ -165,12 +180,12 @@ class ModelServer:
     async def _fetch_stage(self) -> None:
         assert self._consumer is not None
         while not self._stopping.is_set():
-            msgs = await self._consumer.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
-            if not msgs:
+            entries = await self._consumer.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
+            if not entries:
                 continue
-            now = time.monotonic()
-            for msg in msgs:
-                self._held[id(msg)] = (msg, now)
+            msgs = [entry.msg for entry in entries]
+            for entry in entries:
+                self._held[id(entry.msg)] = entry
             self._metrics.inflight.labels(model=self.model).set(len(self._held))
             try:
                 batches, rejected = await self._prepare(msgs)
@@ -192,8 +207,34 @@ class ModelServer:
     def _run(self, loaded: LoadedModel, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         return loaded.backend.infer(inputs)
 
-    async def _infer_stage(self) -> None:
+    async def _run_batch(self, loaded: LoadedModel, batch: Batch) -> list[Outputs | RequestError]:
+        """Run `batch`; if it fails and holds several requests, run each alone so only the bad one fails."""
         loop = asyncio.get_running_loop()
+        try:
+            raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch.inputs)
+            return list(split_outputs(batch, raw))
+        except Exception as exc:
+            error = _request_error(exc)
+        if len(batch.requests) == 1:
+            return [error]
+        logger.warning(
+            "model %s: batch of %d requests failed (%s); running them one at a time",
+            self.model,
+            len(batch.requests),
+            error,
+        )
+        results: list[Outputs | RequestError] = []
+        for request in batch.requests:
+            single = Batch(requests=[request], inputs=dict(request.inputs))
+            self.isolated_runs += 1
+            try:
+                raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, single.inputs)
+                results.append(split_outputs(single, raw)[0])
+            except Exception as exc:
+                results.append(_request_error(exc))
+        return results
+
+    async def _infer_stage(self) -> None:
         while True:
             batch = await self._batches.get()
             if batch is None:
@@ -204,15 +245,8 @@ class ModelServer:
             loaded = self._slot.acquire()
             started = time.time()
             t0 = time.perf_counter()
-            outputs: list[dict[str, npt.NDArray[Any]]] | None = None
-            error: RequestError | None = None
             try:
-                raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch.inputs)
-                outputs = split_outputs(batch, raw)
-            except RequestError as exc:
-                error = exc
-            except Exception as exc:
-                error = BackendError(f"{type(exc).__name__}: {exc}")
+                results = await self._run_batch(loaded, batch)
             finally:
                 self._slot.release(loaded)
             infer_s = time.perf_counter() - t0
@@ -224,11 +258,17 @@ class ModelServer:
                     max(0.0, started - request.enqueued_at)
                 )
             self.batches_run += 1
-            if error is not None:
+            failed = [r for r in results if isinstance(r, RequestError)]
+            if failed:
                 logger.warning(
-                    "model %s v%s: batch of %d failed: %s", self.model, version, batch.frames, error
+                    "model %s v%s: %d of %d requests failed: %s",
+                    self.model,
+                    version,
+                    len(failed),
+                    len(results),
+                    failed[0],
                 )
-            await self._done.put(_Done(batch, version, started, infer_s, outputs, error))
+            await self._done.put(_Done(batch, version, started, infer_s, results))
         await self._done.put(_STOP)
 
     async def _drop_expired(self, batch: Batch) -> Batch | None:
@@ -253,14 +293,12 @@ class ModelServer:
             done = await self._done.get()
             if done is None:
                 break
-            if done.outputs is None:
-                await asyncio.gather(
-                    *(self._finish(r, done.error, version=done.loaded_version) for r in done.batch.requests)
-                )
-                continue
             pending = []
-            for request, outputs in zip(done.batch.requests, done.outputs, strict=True):
-                pending.append(self._reply_ok(request, outputs, done))
+            for request, result in zip(done.batch.requests, done.results, strict=True):
+                if isinstance(result, RequestError):
+                    pending.append(self._finish(request, result, version=done.loaded_version))
+                else:
+                    pending.append(self._reply_ok(request, result, done))
             await asyncio.gather(*pending)
 
     async def _reply_ok(
@@ -288,18 +326,7 @@ class ModelServer:
     async def _publish_reply(self, request: PreparedRequest, body: bytes, *, ok: bool) -> None:
         if request.reply_to is None:
             return
-        headers = {HEADER_STATUS: "ok" if ok else "error"}
-        try:
-            if request.reply_to.startswith("results."):
-                # Durable job replies: JetStream publish, acked by the stream; the id drops redelivered twins.
-                headers[HEADER_MSG_ID] = f"reply-{request.request_id}"
-                await self._js.publish(request.reply_to, body, headers=headers, timeout=5)
-            else:
-                await self._nc.publish(request.reply_to, body, headers=headers)
-        except Exception as exc:
-            raise RetryableError(
-                f"cannot publish the reply to {request.reply_to}: {type(exc).__name__}: {exc}"
-            ) from exc
+        await publish_reply(self._nc, self._js, request.reply_to, request.request_id, body, ok=ok)
 
     async def _finish(self, request: PreparedRequest, error: RequestError | None, *, version: str) -> None:
         """Answer an error (if the ack policy says so) and act."""
@@ -367,8 +394,10 @@ class ModelServer:
             logger.error("model %s: could not copy %s to the DLQ: %s", self.model, request.request_id, exc)
 
     async def _nak(self, msg: Msg, delay_s: float) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await msg.nak(delay=delay_s or None)
+        except Exception as exc:
+            logger.warning("model %s: nak failed: %s: %s", self.model, type(exc).__name__, exc)
         self._held.pop(id(msg), None)
 
     async def _release_unstarted(self, requests: list[PreparedRequest]) -> None:
@@ -377,16 +406,30 @@ class ModelServer:
     # -- in-progress watchdog ----------------------------------------------------------------------
 
     async def _progress_watchdog(self) -> None:
-        interval = max(0.5, self._settings.ack_wait_s / 4)
+        ack_wait = self._settings.ack_wait_s
         while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for key, (msg, since) in list(self._held.items()):
-                if now - since > self._settings.ack_wait_s / 2:
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
-                    if key in self._held:
-                        self._held[key] = (msg, now)
+            await asyncio.sleep(max(0.1, ack_wait / 6))
+            await self.keep_alive(ack_wait / 3)
+
+    async def keep_alive(self, older_than_s: float) -> int:
+        """Send `in_progress` for every held message not touched for `older_than_s`; returns how many."""
+        now = time.monotonic()
+        entries = list(self._held.values())
+        if self._consumer is not None:
+            entries += self._consumer.buffered_entries()
+        stale = [entry for entry in entries if now - entry.touched > older_than_s]
+        for entry in stale:
+            entry.touched = now
+        if stale:
+            await asyncio.gather(*(self._in_progress(entry.msg) for entry in stale))
+            self.progress_sent += len(stale)
+        return len(stale)
+
+    async def _in_progress(self, msg: Msg) -> None:
+        try:
+            await msg.in_progress()
+        except Exception as exc:
+            logger.debug("model %s: in_progress failed: %s", self.model, exc)
 
     # -- shutdown ----------------------------------------------------------------------------------
 
@@ -397,11 +440,17 @@ class ModelServer:
             unstarted = await self._consumer.stop()
             await asyncio.gather(*(self._nak(m, 0.0) for m in unstarted))
         fetch, infer, reply, watchdog = self._tasks
-        # Batches waiting for the engine never started: give them back at once.
+        # Batches waiting for the engine never started: give them back at once. The fetch stage's end
+        # marker may be among them already: put it back, or the infer stage would wait for it forever.
+        fetch_ended = False
         while not self._batches.empty():
             queued = self._batches.get_nowait()
-            if queued is not None:
+            if queued is None:
+                fetch_ended = True
+            else:
                 await self._release_unstarted(queued.requests)
+        if fetch_ended:
+            self._batches.put_nowait(_STOP)
         try:
             await asyncio.wait_for(asyncio.gather(fetch, infer, reply), grace_s)
         except TimeoutError:
@@ -411,7 +460,7 @@ class ModelServer:
             for task in (fetch, infer, reply):
                 task.cancel()
             await asyncio.gather(fetch, infer, reply, return_exceptions=True)
-            held = [msg for msg, _ in self._held.values()]
+            held = [entry.msg for entry in self._held.values()]
             await asyncio.gather(*(self._nak(m, 0.0) for m in held))
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
