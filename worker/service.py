@@ -1,8 +1,11 @@
 """The worker process: connect, register models, load them, serve, reload, report, and shut down in order.
 
 Shutdown order (SIGTERM or `stop()`): stop fetching, let the batches in flight finish and be
-answered within the grace period, nak what never started, cancel background tasks, unsubscribe,
-drain the connection, close the models.
+answered, nak what never started, cancel background tasks, unsubscribe, drain the connection,
+close the models; all of it within the grace period (a few seconds of it are kept for the drain).
+
+Requests that ran out of deliveries without an answer (their worker died on the last one) are
+moved to the DLQ and answered by `worker.advisories.DeadLetters`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from jetinfer.streams import (
     register_model,
     reload_subject,
 )
+from worker.advisories import DeadLetters
 from worker.health import HealthServer
 from worker.metrics import GpuProbe, WorkerMetrics
 from worker.pipeline import ModelServer
@@ -75,6 +79,7 @@ class Worker:
         self._gpu = GpuProbe()
         self._stopped = False
         self._start_lock = asyncio.Lock()
+        self.dead_letters: DeadLetters | None = None
 
     @property
     def health_port(self) -> int | None:
@@ -111,6 +116,8 @@ class Worker:
             self._subscriptions.append(
                 await self._nc.subscribe(reload_subject(model), cb=self._on_reload_signal)
             )
+        self.dead_letters = DeadLetters(self._nc, self._js, self.models, self.settings)
+        await self.dead_letters.start()
         for model in self.models:
             result = await self.slots[model].refresh()
             if result.status == "refused" or not self.slots[model].ready:
@@ -180,6 +187,7 @@ class Worker:
                     await asyncio.to_thread(self._gpu.update, self.metrics)
             except Exception as exc:
                 logger.debug("lag poll failed: %s", exc)
+            await self.sweep_dead_letters()
             await asyncio.sleep(self.settings.lag_poll_s)
 
     async def update_lag(self) -> None:
@@ -201,13 +209,30 @@ class Worker:
                     logger.debug("oldest request of %s unknown: %s", model, exc)
             self.metrics.oldest_request_age.labels(model=model).set(age)
 
+    async def sweep_dead_letters(self) -> int:
+        """Bury requests that ran out of deliveries while no worker heard the advisory (see advisories)."""
+        if self.dead_letters is None or self._stopped:
+            return 0
+        buried = 0
+        for model in self.models:
+            try:
+                buried += await self.dead_letters.sweep(model)
+            except Exception as exc:
+                logger.debug("dead-letter sweep of %s failed: %s", model, exc)
+        return buried
+
     async def stop(self) -> None:
-        """Graceful shutdown in the fixed order. Safe to call twice."""
+        """Graceful shutdown in the fixed order, within the grace period. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
-        grace = self.settings.grace_period_s
+        deadline = time.monotonic() + self.settings.grace_period_s
+        # Keep a little of the grace period for draining the connection (acks and replies still buffered).
+        drain_reserve = min(3.0, self.settings.grace_period_s / 4)
+        grace = self.settings.grace_period_s - drain_reserve
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
+        if self.dead_letters is not None:
+            await self.dead_letters.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -216,7 +241,7 @@ class Worker:
                 await sub.unsubscribe()
         if self._nc is not None and not self._nc.is_closed:
             try:
-                await asyncio.wait_for(self._nc.drain(), 5)
+                await asyncio.wait_for(self._nc.drain(), max(0.5, deadline - time.monotonic()))
             except Exception as exc:
                 logger.warning("drain failed (%s); closing", exc)
                 with contextlib.suppress(Exception):
