@@ -1,0 +1,224 @@
+"""Fault injection for the reliability tests: a real backend with faults, worker processes, request tallies.
+
+`FaultyBackend` is the ONNX Runtime backend with faults switched on by the environment variable
+`JETINFER_TEST_FAULTS` (JSON), so worker subprocesses get them too:
+
+- `sleep_s`: each batch sleeps this long before running (a backend slower than ack_wait)
+- `poison`: a frame whose first value equals this fails with a BackendError, every time
+- `crash_on_poison`: instead of failing, the process dies at once (SIGKILL), as a segfault would
+
+Every frame whose first value is a positive marker is counted in `EXECUTIONS` (in-process workers),
+so a test can tell how many times each request ran. `python -m tests.faults serve ...` runs
+`jetinfer serve` with the faulty backend in place of onnxruntime's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jetinfer.errors import BackendError, RequestTimeoutError
+from worker.backends.onnxruntime import OnnxRuntimeBackend
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAULTS_ENV = "JETINFER_TEST_FAULTS"
+
+#: marker (first value of a frame) -> times a batch holding it ran (in this process).
+EXECUTIONS: collections.Counter[int] = collections.Counter()
+_LOCK = threading.Lock()
+
+
+def faults() -> dict[str, Any]:
+    """The faults switched on in this process."""
+    raw = os.environ.get(FAULTS_ENV, "")
+    return json.loads(raw) if raw else {}
+
+
+class FaultyBackend(OnnxRuntimeBackend):
+    """ONNX Runtime with the faults of `JETINFER_TEST_FAULTS`."""
+
+    name = "onnxruntime"
+
+    def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        config = faults()
+        first = next(iter(inputs.values()))
+        markers = [float(frame.reshape(-1)[0]) for frame in first] if first.size else []
+        poison = config.get("poison")
+        if poison is not None and poison in markers:
+            if config.get("crash_on_poison"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise BackendError(f"poison request {poison} fails every time")
+        if config.get("sleep_s") and any(m > 0 for m in markers):
+            time.sleep(float(config["sleep_s"]))
+        with _LOCK:
+            EXECUTIONS.update(int(m) for m in markers if m > 0)
+        return super().infer(inputs)
+
+
+BACKEND = FaultyBackend
+
+
+def install(monkeypatch: Any, **config: Any) -> None:
+    """Serve onnxruntime models through FaultyBackend with `config`, in this process (monkeypatch undoes)."""
+    from worker.backends.base import BACKEND_MODULES
+
+    monkeypatch.setitem(BACKEND_MODULES, "onnxruntime", "tests.faults")
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(config))
+    EXECUTIONS.clear()
+
+
+def frames(marker: int, width: int = 4) -> npt.NDArray[np.float32]:
+    """One request's input for the identity model: a frame full of `marker`."""
+    return np.full((1, width), float(marker), np.float32)
+
+
+# -- worker processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """`jetinfer serve` in a child process (with FaultyBackend when faults are given)."""
+
+    url: str
+    repository: Path
+    model: str
+    log_file: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    faults: dict[str, Any] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        """The command line."""
+        module = "tests.faults" if self.faults is not None else "jetinfer.cli"
+        args = [sys.executable, "-m", module, "serve", "--nats-url", self.url]
+        args += ["--repository", str(self.repository), "--model", self.model, "--metrics-port", "0"]
+        args += ["--reload-poll-s", "0", "--decode-workers", "1"]
+        for name, value in self.settings.items():
+            values = value if isinstance(value, list) else [value]
+            for item in values:
+                args += ["--" + name.replace("_", "-"), str(item)]
+        return args
+
+    def start(self) -> WorkerProcess:
+        """Start the worker; `ready()` tells when it serves."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop(FAULTS_ENV, None)
+        if self.faults is not None:
+            env[FAULTS_ENV] = json.dumps(self.faults)
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env
+            )
+        return self
+
+    def log(self) -> str:
+        """What the worker printed so far."""
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the worker logs that it serves (it then pulls requests)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while "serving" not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker not serving after {timeout_s} s:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM: the graceful stop Kubernetes asks for."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout_s: float) -> int:
+        """The exit code, waiting at most `timeout_s`."""
+        assert self.process is not None
+        return await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout_s)
+
+    def close(self) -> None:
+        """Kill the process if it still runs. Safe to call twice."""
+        self.kill()
+
+
+@contextlib.contextmanager
+def worker_processes(*workers: WorkerProcess) -> Any:
+    """Kill every worker process on the way out, whatever happened."""
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+# -- counting requests -----------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What became of every request of a load: answered, errors, lost (no answer), duplicates."""
+
+    sent: int
+    answered: int
+    errors: dict[str, int]
+    lost: list[int]
+    wrong: list[int]
+    duplicates: int
+    recover_s: float | None = None
+
+    def line(self, fault: str) -> str:
+        """One line for the test output (`-s` or the report)."""
+        recover = f"{self.recover_s:.1f} s" if self.recover_s is not None else "-"
+        return (
+            f"[delivery] {fault}: sent={self.sent} answered={self.answered} errors={dict(self.errors)} "
+            f"lost={len(self.lost)} duplicates={self.duplicates} recover={recover}"
+        )
+
+
+def tally(markers: Sequence[int], results: Sequence[Any], duplicates: int) -> Tally:
+    """Count `results` (InferResponse or exception, one per marker) of identity-model requests."""
+    answered, errors, lost, wrong = 0, collections.Counter[str](), [], []
+    for marker, result in zip(markers, results, strict=True):
+        if isinstance(result, RequestTimeoutError):
+            lost.append(marker)
+        elif isinstance(result, BaseException):
+            errors[getattr(result, "code", type(result).__name__)] += 1
+        elif not np.array_equal(result.output(), frames(marker)):
+            wrong.append(marker)
+        else:
+            answered += 1
+    return Tally(len(markers), answered, dict(errors), lost, wrong, duplicates)
+
+
+def main() -> int:
+    """`python -m tests.faults ARGS`: `jetinfer ARGS` with FaultyBackend serving onnxruntime models."""
+    from jetinfer.cli import main as jetinfer_main
+    from worker.backends.base import BACKEND_MODULES
+
+    BACKEND_MODULES["onnxruntime"] = "tests.faults"  # type: ignore[index]
+    return jetinfer_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
