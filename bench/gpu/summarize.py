@@ -1,0 +1,62 @@
+"""Print the GPU benchmark's table from the JSON files bench/gpu/run.sh wrote (usage: summarize.py OUTDIR)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(out: Path) -> None:
+    """Print engine-only and end-to-end figures and the ratios the GPU issue asks for."""
+    print((out / "gpu.txt").read_text().strip() if (out / "gpu.txt").is_file() else "(no gpu.txt)")
+    engines: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("engine-*.json")):
+        model = path.stem.removeprefix("engine-")
+        engines[model] = _load(path)
+        print(f"\nengine-only {model} ({engines[model][0]['backend']} v{engines[model][0]['version']})")
+        print(f"{'batch':>6} {'img/s':>9} {'p50 ms':>8}")
+        for row in engines[model]:
+            print(f"{row['batch']:>6} {row['frames_per_s']:>9.0f} {row['latency_ms_p50']:>8.2f}")
+    print(
+        f"\n{'run':<22} {'load':>6} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'GPU MiB before/after':>21}"
+    )
+    best: dict[str, float] = {}
+    idle_p50 = None
+    for path in sorted(out.glob("e2e-*.json")):
+        report = _load(path)
+        name = path.stem.removeprefix("e2e-")
+        for point in report["points"]:
+            s = point["summary"]
+            before, after = point.get("gpu_memory_before_bytes"), point.get("gpu_memory_after_bytes")
+            memory = f"{before / 2**20:.0f}/{after / 2**20:.0f}" if before and after else "-"
+            batch = f"{point['mean_batch']:.1f}" if point.get("mean_batch") else "-"
+            print(
+                f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                f"{batch:>6} {memory:>21}  {s['errors'] or ''}"
+            )
+            best[name] = max(best.get(name, 0.0), s["frames_per_s"])
+            if name.endswith("idle"):
+                idle_p50 = s["p50_ms"]
+    resnet = engines.get("resnet50") or []
+    if resnet:
+        engine_best = max(r["frames_per_s"] for r in resnet)
+        engine_b1 = next((r["latency_ms_p50"] for r in resnet if r["batch"] == 1), None)
+        print(f"\nresnet50 engine-only best: {engine_best:.0f} img/s")
+        for name, value in sorted(best.items()):
+            if not name.endswith("idle"):
+                print(f"ratio {name} / engine-only best: {value / engine_best:.3f}  (target >= 0.8)")
+        if idle_p50 is not None and engine_b1 is not None:
+            print(
+                f"idle p50 {idle_p50:.2f} ms vs engine batch-1 p50 {engine_b1:.2f} ms: "
+                f"+{idle_p50 - engine_b1:.2f} ms (target <= +2 ms)"
+            )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
