@@ -23,9 +23,8 @@ def main(out: Path) -> None:
         print(f"{'batch':>6} {'img/s':>9} {'p50 ms':>8}")
         for row in engines[model]:
             print(f"{row['batch']:>6} {row['frames_per_s']:>9.0f} {row['latency_ms_p50']:>8.2f}")
-    print(
-        f"\n{'run':<22} {'load':>6} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'GPU MiB before/after':>21}"
-    )
+    header = f"{'run':<22} {'load':>6} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
+    print(f"\n{header} {'GPU MiB before/after':>21}")
     best: dict[str, float] = {}
     idle_p50 = None
     for path in sorted(out.glob("e2e-*.json")):
@@ -36,10 +35,8 @@ def main(out: Path) -> None:
             before, after = point.get("gpu_memory_before_bytes"), point.get("gpu_memory_after_bytes")
             memory = f"{before / 2**20:.0f}/{after / 2**20:.0f}" if before and after else "-"
             batch = f"{point['mean_batch']:.1f}" if point.get("mean_batch") else "-"
-            print(
-                f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                f"{batch:>6} {memory:>21}  {s['errors'] or ''}"
-            )
+            row = f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
+            print(f"{row} {batch:>6} {memory:>21}  {s['errors'] or ''}")
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
             if name.endswith("idle"):
                 idle_p50 = s["p50_ms"]
