@@ -35,7 +35,8 @@ def main(out: Path) -> None:
             before, after = point.get("gpu_memory_before_bytes"), point.get("gpu_memory_after_bytes")
             memory = f"{before / 2**20:.0f}/{after / 2**20:.0f}" if before and after else "-"
             batch = f"{point['mean_batch']:.1f}" if point.get("mean_batch") else "-"
-            row = f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
+            row = f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f}"
+            row += f" {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
             print(f"{row} {batch:>6} {memory:>21}  {s['errors'] or ''}")
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
             if name.endswith("idle"):
