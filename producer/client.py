@@ -29,6 +29,7 @@ from nats.js.errors import NoStreamResponseError
 from jetinfer.connection import connect
 from jetinfer.errors import (
     InvalidInputError,
+    RequestError,
     RequestTimeoutError,
     TooLargeError,
     UnknownModelError,
@@ -50,6 +51,7 @@ from jetinfer.protocol import (
 )
 from jetinfer.settings import ConnectionSettings
 from jetinfer.streams import infer_subject
+from producer.metrics import ClientMetrics
 
 __all__ = ["Client", "Payload", "encode_payload"]
 
@@ -97,7 +99,9 @@ def encode_payload(
     elif isinstance(payload, Mapping):
         arrays = dict(payload.items())
     else:
-        raise InvalidInputError(f"cannot send a {type(payload).__name__}: send an array, named arrays or image bytes")
+        raise InvalidInputError(
+            f"cannot send a {type(payload).__name__}: send an array, named arrays or image bytes"
+        )
     request = InferRequest(
         id=request_id,
         inputs=tuple(Tensor.from_numpy(name, np.asarray(array)) for name, array in arrays.items()),
@@ -116,6 +120,7 @@ class Client:
         settings: ConnectionSettings | None = None,
         publish_retries: int = 3,
         publish_timeout_s: float = 5.0,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         if settings is None:
             settings = ConnectionSettings(nats_url=url) if url else ConnectionSettings()
@@ -129,6 +134,7 @@ class Client:
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._sequence = 0
         self.duplicates_dropped = 0
+        self.metrics = metrics
 
     @property
     def nc(self) -> NatsClient:
@@ -181,6 +187,8 @@ class Client:
         future = self._waiting.pop(token, None)
         if future is None or future.done():
             self.duplicates_dropped += 1
+            if self.metrics is not None:
+                self.metrics.duplicate()
             return
         future.set_result(msg)
 
@@ -246,6 +254,7 @@ class Client:
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         deadline_ms = int((time.time() + timeout) * 1000)
+        started = time.perf_counter()
         try:
             await self.publish(
                 model,
@@ -256,13 +265,25 @@ class Client:
                 input_name=input_name,
                 parameters=parameters,
             )
+            if self.metrics is not None:
+                self.metrics.sent(model)
             try:
                 msg = await asyncio.wait_for(future, timeout)
             except TimeoutError:
+                if self.metrics is not None:
+                    self.metrics.timed_out(model)
                 raise RequestTimeoutError(request_id, timeout) from None
         finally:
             self._waiting.pop(token, None)
-        return self.read_reply(msg, request_id)
+        if self.metrics is None:
+            return self.read_reply(msg, request_id)
+        try:
+            response = self.read_reply(msg, request_id)
+        except RequestError as exc:
+            self.metrics.replied(model, exc.code, time.perf_counter() - started)
+            raise
+        self.metrics.replied(model, "ok", time.perf_counter() - started)
+        return response
 
     @staticmethod
     def read_reply(msg: Msg, request_id: str | None = None) -> InferResponse:
