@@ -11,7 +11,8 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -51,6 +52,23 @@ class HealthServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _ready(self) -> tuple[bool, dict[str, Any]]:
+        """The readiness answer; a failing check answers not ready (and why), never a dropped probe."""
+        try:
+            return self._readiness()
+        except Exception as exc:
+            logger.exception("readiness check failed")
+            return False, {"error": f"{type(exc).__name__}: {exc}"}
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), 5)
@@ -63,7 +81,7 @@ class HealthServer:
             elif path == "/healthz":
                 status, content_type, body = 200, "text/plain", b"ok\n"
             elif path == "/readyz":
-                ready, detail = self._readiness()
+                ready, detail = self._ready()
                 status = 200 if ready else 503
                 content_type, body = "application/json", json.dumps({"ready": ready, **detail}).encode()
             else:

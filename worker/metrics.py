@@ -1,11 +1,18 @@
 """Prometheus metrics of a worker, in one class that takes the registry (so tests get their own).
 
-Names follow `jetinfer_<noun>_{total|seconds|bytes}`; labels are drawn from the fixed set
-(`model`, `version`, `status`), plus `gpu` for device gauges.
+Names follow `jetinfer_<noun>_{total|seconds|bytes}`: counters end in `_total`, durations in
+`_seconds`, sizes in `_bytes`. Unitless values carry no unit suffix, as Prometheus' naming guide
+says: `jetinfer_batch_size` (frames per batch), `jetinfer_consumer_lag` (messages),
+`jetinfer_inflight_requests` (requests), and `jetinfer_gpu_utilization_ratio` takes Prometheus' `_ratio`
+for a 0..1 fraction. Labels are drawn from the fixed set (`model`, `version`, `status`), plus `gpu`
+(the NVML device index) on the GPU gauges, which have no series at all where no GPU is found.
+`version` is empty for requests refused before a version ran them (undecodable, expired).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 from typing import Any
 
@@ -91,21 +98,33 @@ class WorkerMetrics:
 
 
 class GpuProbe:
-    """Reads GPU utilisation and memory through NVML where a GPU and nvidia-ml-py are present."""
+    """Reads GPU utilisation and memory through NVML where a GPU and nvidia-ml-py are present.
 
-    def __init__(self) -> None:
+    Without NVML, a driver or a GPU, `available` is False and `update` sets nothing, so the GPU
+    gauges stay absent rather than reading a misleading zero.
+    """
+
+    def __init__(self, nvml: Any = None) -> None:
+        """`nvml`: the `pynvml` module (nvidia-ml-py), imported when not given."""
         self._handles: list[tuple[str, Any]] = []
         self._nvml: Any = None
+        self._warned: set[tuple[str, str]] = set()
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                self._handles.append((str(index), pynvml.nvmlDeviceGetHandleByIndex(index)))
-        except Exception as exc:  # no NVML, no driver, no GPU: the gauges stay absent
+            if nvml is None:
+                nvml = importlib.import_module("pynvml")
+            nvml.nvmlInit()
+        except Exception as exc:  # no nvidia-ml-py, no driver: the gauges stay absent
             logger.debug("NVML unavailable: %s", exc)
+            return
+        self._nvml = nvml
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                self._handles.append((str(index), nvml.nvmlDeviceGetHandleByIndex(index)))
+        except Exception as exc:
+            logger.warning("NVML found no usable GPU: %s", exc)
             self._handles = []
+        if not self._handles:
+            self.close()
 
     @property
     def available(self) -> bool:
@@ -113,13 +132,42 @@ class GpuProbe:
         return bool(self._handles)
 
     def update(self, metrics: WorkerMetrics) -> None:
-        """Set the GPU gauges (blocking NVML calls: run in a thread)."""
+        """Set the GPU gauges (blocking NVML calls: run in a thread).
+
+        A reading NVML refuses (utilisation is not supported on a MIG slice, for one) leaves that
+        gauge absent (not stale) for that GPU; it is logged once as a warning, then at debug level.
+        """
+        nvml = self._nvml
+        if nvml is None:
+            return
         for name, handle in self._handles:
             try:
-                rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                metrics.gpu_utilization.labels(gpu=name).set(rates.gpu / 100.0)
             except Exception as exc:
-                logger.warning("NVML read failed for GPU %s: %s", name, exc)
-                continue
-            metrics.gpu_utilization.labels(gpu=name).set(rates.gpu / 100.0)
-            metrics.gpu_memory_used.labels(gpu=name).set(memory.used)
+                self._read_failed(name, "utilisation", exc)
+                with contextlib.suppress(KeyError):
+                    metrics.gpu_utilization.remove(name)
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                metrics.gpu_memory_used.labels(gpu=name).set(memory.used)
+            except Exception as exc:
+                self._read_failed(name, "memory", exc)
+                with contextlib.suppress(KeyError):
+                    metrics.gpu_memory_used.remove(name)
+
+    def _read_failed(self, gpu: str, what: str, exc: Exception) -> None:
+        key = (gpu, what)
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        logger.log(level, "NVML %s read failed for GPU %s: %s", what, gpu, exc)
+
+    def close(self) -> None:
+        """Shut NVML down. Safe to call twice."""
+        nvml, self._nvml = self._nvml, None
+        self._handles = []
+        if nvml is not None:
+            try:
+                nvml.nvmlShutdown()
+            except Exception as exc:
+                logger.debug("NVML shutdown failed: %s", exc)
