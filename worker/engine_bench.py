@@ -33,6 +33,13 @@ def engine_bench(
     backend = load_backend(version, device=device)
     rng = np.random.default_rng(0)
     results = []
+    too_large = [b for b in batches if b > version.config.max_batch]
+    if too_large:
+        print(
+            f"engine-bench: skipping batch sizes {too_large}: over {model}'s max_batch {version.config.max_batch}",
+            file=sys.stderr,
+        )
+    batches = [b for b in batches if b <= version.config.max_batch]
     try:
         for batch in batches:
             inputs = {
