@@ -35,8 +35,9 @@ def engine_bench(
     results = []
     too_large = [b for b in batches if b > version.config.max_batch]
     if too_large:
+        limit = version.config.max_batch
         print(
-            f"engine-bench: skipping batch sizes {too_large}: over {model}'s max_batch {version.config.max_batch}",
+            f"engine-bench: skipping batch sizes {too_large}: over {model}'s max_batch {limit}",
             file=sys.stderr,
         )
     batches = [b for b in batches if b <= version.config.max_batch]
