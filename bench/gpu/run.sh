@@ -6,6 +6,7 @@
 # torchvision) and EfficientNet-Lite0 as torch.export fp16 versions, times them engine-only at batch
 # 1..256, then end to end through an embedded nats-server and the worker, and prints a table last.
 # Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
+# SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again).
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/jetinfer-gpu}}
 mkdir -p "$OUT"
@@ -22,7 +23,7 @@ $PY -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.versi
 nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 
 step gpu tests
-$PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_tensorrt.py \
+[ "${SKIP_TESTS:-0}" = 1 ] || $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_tensorrt.py \
     2>&1 | tail -15 | tee "$OUT/gpu-tests.txt" || true
 
 step build models
