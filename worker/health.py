@@ -2,6 +2,8 @@
 
 Because it runs on the worker's own event loop, an answer from `/healthz` proves the loop is not
 blocked; `/readyz` asks the worker (connected to NATS, every model loaded) and lists the versions.
+`/metrics` answers in the format the scraper's Accept header asks for (OpenMetrics for Prometheus,
+the classic text format otherwise), as prometheus-client's own server does.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 __all__ = ["HealthServer"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_HEADER_LINES = 100
 
 
 class HealthServer:
@@ -72,12 +77,19 @@ class HealthServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
+            headers: dict[str, str] = {}
+            for _ in range(_MAX_HEADER_LINES):
+                line = await asyncio.wait_for(reader.readline(), 5)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
             if path == "/metrics":
-                status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+                # Prometheus asks for OpenMetrics in its Accept header; anything else gets the classic text.
+                encoder, content_type = choose_encoder(headers.get("accept", ""))
+                status, body = 200, encoder(self._registry)
             elif path == "/healthz":
                 status, content_type, body = 200, "text/plain", b"ok\n"
             elif path == "/readyz":
@@ -97,7 +109,7 @@ class HealthServer:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, ValueError):  # slow, gone, or a line over 64 KiB
             pass
         finally:
             writer.close()
