@@ -4,13 +4,21 @@ One reply subscription (`<inbox>.*`) serves every request in flight; replies are
 request id, and duplicates (at-least-once delivery) are dropped and counted. Requests are
 JetStream publishes with `Nats-Msg-Id`, retried with the same id, so a retried request is stored
 once. A model nobody ever registered fails fast with `UnknownModelError`.
+
+Replies are core NATS messages: one sent while this client was disconnected is gone. So after a
+reconnect, every request still waiting is published again (after `resend_after_s`, so replies
+already on their way arrive first), under the id `<id>~r<n>` (the original id is deduplicated by
+JetStream for two minutes); whichever reply comes first answers the call, the other is dropped
+as a duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,13 +26,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from jetinfer.connection import connect
 from jetinfer.errors import (
@@ -40,6 +49,7 @@ from jetinfer.protocol import (
     CONTENT_TYPE_MSGPACK,
     CONTENT_TYPE_PNG,
     HEADER_STATUS,
+    MAX_ID_LENGTH,
     ErrorReply,
     InferRequest,
     InferResponse,
@@ -50,7 +60,7 @@ from jetinfer.protocol import (
     request_headers,
 )
 from jetinfer.settings import ConnectionSettings
-from jetinfer.streams import infer_subject
+from jetinfer.streams import INFER_STREAM, infer_subject
 from producer.metrics import ClientMetrics
 
 __all__ = ["Client", "Payload", "encode_payload"]
@@ -110,6 +120,19 @@ def encode_payload(
     return encode_request(request), CONTENT_TYPE_MSGPACK
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+    """A published request, kept until its reply so it can be published again after a reconnect."""
+
+    subject: str
+    body: bytes
+    content_type: str
+    request_id: str
+    reply_to: str
+    deadline_ms: int | None
+    published_at: float
+
+
 class Client:
     """An async inference client over NATS JetStream; many requests may be in flight at once."""
 
@@ -121,6 +144,7 @@ class Client:
         publish_retries: int = 3,
         publish_timeout_s: float = 5.0,
         metrics: ClientMetrics | None = None,
+        resend_after_s: float = 1.0,
     ) -> None:
         if settings is None:
             settings = ConnectionSettings(nats_url=url) if url else ConnectionSettings()
@@ -132,8 +156,14 @@ class Client:
         self._sub: Subscription | None = None
         self._prefix = ""
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._sent: dict[str, _Sent] = {}  # token -> what to publish again after a reconnect
+        self._stream_checks: dict[str, tuple[float, bool]] = {}  # subject -> (when, INFER takes it)
         self._sequence = 0
+        self._reconnects = 0
+        self._resend_tasks: set[asyncio.Task[None]] = set()
+        self.resend_after_s = resend_after_s
         self.duplicates_dropped = 0
+        self.resent = 0  # requests published again after a reconnect
         self.metrics = metrics
 
     @property
@@ -154,7 +184,7 @@ class Client:
         """Connect and subscribe to this client's reply inbox."""
         if self._nc is not None:
             return self
-        self._nc = await connect(self.settings, name="jetinfer-producer")
+        self._nc = await connect(self.settings, name="jetinfer-producer", reconnected_cb=self._on_reconnect)
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
         self._prefix = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1)
@@ -162,10 +192,14 @@ class Client:
 
     async def close(self) -> None:
         """Fail the requests still waiting, unsubscribe and drain. Safe to call twice."""
+        for task in list(self._resend_tasks):
+            task.cancel()
+        await asyncio.gather(*self._resend_tasks, return_exceptions=True)
         for future in self._waiting.values():
             if not future.done():
                 future.cancel()
         self._waiting.clear()
+        self._sent.clear()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -192,6 +226,49 @@ class Client:
             return
         future.set_result(msg)
 
+    async def _on_reconnect(self) -> None:
+        self._reconnects += 1
+        task = asyncio.create_task(self._resend_waiting(self._reconnects, time.monotonic()))
+        self._resend_tasks.add(task)
+        task.add_done_callback(self._resend_tasks.discard)
+
+    async def _resend_waiting(self, reconnect: int, reconnected_at: float) -> None:
+        """Publish again the requests sent before a reconnect that still wait for their reply."""
+        await asyncio.sleep(self.resend_after_s)
+        waiting = [
+            (token, sent)
+            for token, sent in list(self._sent.items())
+            if sent.published_at < reconnected_at and token in self._waiting
+        ]
+        if not waiting:
+            return
+        logger.info("reconnected: publishing %d requests still waiting again", len(waiting))
+        for index in range(0, len(waiting), 256):
+            chunk = waiting[index : index + 256]
+            results = await asyncio.gather(
+                *(self._resend(token, sent, reconnect) for token, sent in chunk), return_exceptions=True
+            )
+            for (_, sent), result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.warning("could not publish request %s again: %s", sent.request_id, result)
+
+    async def _resend(self, token: str, sent: _Sent, reconnect: int) -> None:
+        if token not in self._waiting:
+            return
+        retry_id = f"{sent.request_id}~r{reconnect}"
+        if len(retry_id) > MAX_ID_LENGTH:
+            return
+        body = sent.body
+        if sent.content_type == CONTENT_TYPE_MSGPACK:
+            decoded = msgpack.unpackb(body, raw=False)
+            decoded["id"] = retry_id
+            body = msgpack.packb(decoded, use_bin_type=True)
+        headers = request_headers(
+            retry_id, sent.reply_to, content_type=sent.content_type, deadline_ms=sent.deadline_ms
+        )
+        await self._publish_with_retries(sent.subject, body, headers, retry_id)
+        self.resent += 1
+
     def new_request_id(self) -> str:
         """A fresh, unique request id."""
         return uuid.uuid4().hex
@@ -208,6 +285,27 @@ class Client:
         parameters: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish one request to `infer.<model>` (JetStream, retried with the same id)."""
+        await self._publish_request(
+            model,
+            payload,
+            request_id=request_id,
+            reply_to=reply_to,
+            deadline_ms=deadline_ms,
+            input_name=input_name,
+            parameters=parameters,
+        )
+
+    async def _publish_request(
+        self,
+        model: str,
+        payload: Payload,
+        *,
+        request_id: str,
+        reply_to: str,
+        deadline_ms: int | None,
+        input_name: str,
+        parameters: Mapping[str, Any] | None,
+    ) -> _Sent:
         check_model_name(model)
         body, content_type = encode_payload(request_id, payload, input_name=input_name, parameters=parameters)
         max_payload = self.nc.max_payload
@@ -216,22 +314,56 @@ class Client:
                 f"request of {len(body)} bytes is over the server's max_payload of {max_payload}"
             )
         headers = request_headers(request_id, reply_to, content_type=content_type, deadline_ms=deadline_ms)
-        for attempt in range(self.publish_retries + 1):
+        subject = infer_subject(model)
+        await self._publish_with_retries(subject, body, headers, request_id)
+        return _Sent(subject, body, content_type, request_id, reply_to, deadline_ms, time.monotonic())
+
+    async def _publish_with_retries(
+        self, subject: str, body: bytes, headers: dict[str, str], request_id: str
+    ) -> None:
+        """Publish until JetStream stores it: time-outs are retried `publish_retries` times with the same id;
+        "no responders" is `UnknownModelError` unless INFER takes the subject (its leader is being
+        elected: retried for up to `publish_timeout_s * (publish_retries + 1)`)."""
+        deadline = time.monotonic() + self.publish_timeout_s * (self.publish_retries + 1)
+        timeouts = 0
+        while True:
             try:
-                await self.js.publish(
-                    infer_subject(model), body, headers=headers, timeout=self.publish_timeout_s
-                )
+                await self.js.publish(subject, body, headers=headers, timeout=self.publish_timeout_s)
                 return
             except NoStreamResponseError:
-                raise UnknownModelError(
-                    f"no worker has registered model {model!r} (no stream takes infer.{model}); "
-                    "start a worker that serves it"
-                ) from None
+                if not await self._stream_takes(subject):
+                    model = subject.split(".", 1)[-1]
+                    raise UnknownModelError(
+                        f"no worker has registered model {model!r} (no stream takes {subject}); "
+                        "start a worker that serves it"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RequestTimeoutError(request_id, self.publish_timeout_s) from None
+                logger.info("stream %s has no leader for now; publishing %s again", INFER_STREAM, request_id)
+                await asyncio.sleep(0.25)
             except TimeoutError as exc:
-                if attempt == self.publish_retries:
+                timeouts += 1
+                if timeouts > self.publish_retries:
                     raise RequestTimeoutError(request_id, self.publish_timeout_s) from exc
                 logger.info("publish of %s timed out; retrying with the same Nats-Msg-Id", request_id)
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await asyncio.sleep(0.2 * timeouts)
+
+    async def _stream_takes(self, subject: str) -> bool:
+        """Whether INFER takes `subject` (checked at most twice a second); True when it cannot be told."""
+        now = time.monotonic()
+        known = self._stream_checks.get(subject)
+        if known is not None and now - known[0] < 0.5:
+            return known[1]
+        try:
+            info = await asyncio.wait_for(self.js.stream_info(INFER_STREAM), 2)
+            takes = subject in (info.config.subjects or [])
+        except NotFoundError:
+            takes = False
+        except Exception as exc:  # JetStream itself electing a leader, or no permission to ask
+            logger.debug("cannot read stream %s: %s", INFER_STREAM, exc)
+            takes = True
+        self._stream_checks[subject] = (time.monotonic(), takes)
+        return takes
 
     async def infer(
         self,
@@ -256,7 +388,7 @@ class Client:
         deadline_ms = int((time.time() + timeout) * 1000)
         started = time.perf_counter()
         try:
-            await self.publish(
+            self._sent[token] = await self._publish_request(
                 model,
                 payload,
                 request_id=request_id,
@@ -275,6 +407,7 @@ class Client:
                 raise RequestTimeoutError(request_id, timeout) from None
         finally:
             self._waiting.pop(token, None)
+            self._sent.pop(token, None)
         if self.metrics is None:
             return self.read_reply(msg, request_id)
         try:
@@ -294,7 +427,10 @@ class Client:
             error.code = reply.code
             raise error
         if request_id is not None and reply.id != request_id:
-            raise InvalidInputError(f"reply id {reply.id!r} does not match request {request_id!r}")
+            # A request published again after a reconnect is answered under `<id>~r<n>`.
+            if not re.fullmatch(re.escape(request_id) + r"~r[0-9]+", reply.id):
+                raise InvalidInputError(f"reply id {reply.id!r} does not match request {request_id!r}")
+            reply = dataclasses.replace(reply, id=request_id)
         if msg.headers and msg.headers.get(HEADER_STATUS) not in (None, "ok"):
             raise InvalidInputError("reply header says error but the body is a result")
         return reply
