@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from jetinfer.embedded import EmbeddedNatsServer, free_port
-from jetinfer.errors import JetinferError, RequestError, SettingsError
+from jetinfer.errors import SettingsError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
 from jetinfer.settings import ConnectionSettings, require
@@ -130,8 +130,8 @@ async def closed_loop(
             t0 = time.perf_counter()
             try:
                 await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
-            except (RequestError, JetinferError) as exc:
-                errors[getattr(exc, "code", type(exc).__name__)] += 1
+            except Exception as exc:  # a load generator counts failures, whatever they are
+                errors[getattr(exc, "code", None) or type(exc).__name__] += 1
                 continue
             latencies.append(time.perf_counter() - t0)
             if progress is not None:
@@ -162,8 +162,8 @@ async def open_loop(
     async def one(scheduled: float) -> None:
         try:
             await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
-        except (RequestError, JetinferError) as exc:
-            errors[getattr(exc, "code", type(exc).__name__)] += 1
+        except Exception as exc:  # a load generator counts failures, whatever they are
+            errors[getattr(exc, "code", None) or type(exc).__name__] += 1
             return
         latencies.append(time.perf_counter() - scheduled)
         if progress is not None:
@@ -333,62 +333,85 @@ def _wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) 
 
 @contextlib.asynccontextmanager
 async def embedded_stack(
-    repository: Path, model: str, *, bare: bool, worker_args: Sequence[str]
-) -> AsyncIterator[tuple[str, str | None]]:
-    """A nats-server and a worker (or the bare loop) subprocess; yields (nats url, metrics url or None)."""
+    repository: Path, model: str, *, bare: bool, worker_args: Sequence[str], workers: int = 1
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls)."""
     async with EmbeddedNatsServer() as server:
-        metrics_port = free_port()
-        if bare:
-            command = [sys.executable, "-m", "worker.bare_loop", "--nats-url", server.url, "--model", model]
-        else:
-            command = [
-                sys.executable,
-                "-m",
-                "jetinfer.cli",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--nats-url",
-                server.url,
-                "--repository",
-                str(repository),
-                "--model",
-                model,
-                "--metrics-port",
-                str(metrics_port),
-                "--metrics-host",
-                "127.0.0.1",
-                "--reload-poll-s",
-                "0",
-                *worker_args,
-            ]
-        process = await asyncio.to_thread(subprocess.Popen, command, stdout=subprocess.PIPE, stderr=None)
+        processes: list[subprocess.Popen[bytes]] = []
+        metrics_urls: list[str] = []
         try:
-            if bare:
-                assert process.stdout is not None
-                line = await asyncio.to_thread(process.stdout.readline)
-                if b"ready" not in line:
-                    raise RuntimeError("the bare loop did not start")
-                yield server.url, None
-            else:
-                await asyncio.to_thread(
-                    _wait_http_ok, f"http://127.0.0.1:{metrics_port}/readyz", 120, process
+            for _ in range(workers):
+                metrics_port = free_port()
+                if bare:
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "worker.bare_loop",
+                        "--nats-url",
+                        server.url,
+                        "--model",
+                        model,
+                    ]
+                else:
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "jetinfer.cli",
+                        "--log-level",
+                        "WARNING",
+                        "serve",
+                        "--nats-url",
+                        server.url,
+                        "--repository",
+                        str(repository),
+                        "--model",
+                        model,
+                        "--metrics-port",
+                        str(metrics_port),
+                        "--metrics-host",
+                        "127.0.0.1",
+                        "--reload-poll-s",
+                        "0",
+                        *worker_args,
+                    ]
+                process = await asyncio.to_thread(
+                    subprocess.Popen, command, stdout=subprocess.PIPE, stderr=None
                 )
-                yield server.url, f"http://127.0.0.1:{metrics_port}/metrics"
+                processes.append(process)
+                if bare:
+                    assert process.stdout is not None
+                    line = await asyncio.to_thread(process.stdout.readline)
+                    if b"ready" not in line:
+                        raise RuntimeError("the bare loop did not start")
+                else:
+                    url = f"http://127.0.0.1:{metrics_port}"
+                    await asyncio.to_thread(_wait_http_ok, f"{url}/readyz", 180, process)
+                    metrics_urls.append(f"{url}/metrics")
+            yield server.url, metrics_urls
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in processes:
                 try:
                     await asyncio.to_thread(process.wait, 30)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     await asyncio.to_thread(process.wait)
-            if process.stdout is not None:
-                process.stdout.close()
+                if process.stdout is not None:
+                    process.stdout.close()
+
+
+def _scrape_all(urls: Sequence[str]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for url in urls:
+        for key, value in scrape_worker_metrics(url).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 async def _run_levels(
-    args: argparse.Namespace, url: str, metrics_url: str | None, payload: Payload, frames: int, mode: str
+    args: argparse.Namespace, url: str, metrics_urls: Sequence[str], payload: Payload, frames: int, mode: str
 ) -> list[BenchPoint]:
     from tqdm import tqdm
 
@@ -406,7 +429,7 @@ async def _run_levels(
             input_name=args.input_name,
         )
         for level in levels:
-            before = scrape_worker_metrics(metrics_url) if metrics_url else None
+            before = _scrape_all(metrics_urls) if metrics_urls else None
             progress = tqdm(
                 desc=f"{mode} {'rate' if args.rate else 'concurrency'} {level:g}",
                 unit="req",
@@ -440,8 +463,8 @@ async def _run_levels(
             point = BenchPoint(
                 mode, float(level), summarize(lat, elapsed, frames_per_request=frames, errors=errors)
             )
-            if metrics_url and before is not None:
-                after = scrape_worker_metrics(metrics_url)
+            if metrics_urls and before is not None:
+                after = _scrape_all(metrics_urls)
                 point.batches = int(after["batches"] - before["batches"])
                 if after["gpu_memory_bytes"]:
                     point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
@@ -528,11 +551,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         modes = ["worker", "bare"] if args.bare else ["worker"]
         for mode in modes:
             async with embedded_stack(
-                repository, args.model, bare=mode == "bare", worker_args=args.worker_arg or []
-            ) as (url, metrics_url):
-                points += await _run_levels(args, url, metrics_url, payload, frames, mode)
+                repository,
+                args.model,
+                bare=mode == "bare",
+                worker_args=args.worker_arg or [],
+                workers=args.workers,
+            ) as (url, metrics_urls):
+                points += await _run_levels(args, url, metrics_urls, payload, frames, mode)
     else:
-        points += await _run_levels(args, args.nats_url, args.metrics_url, payload, frames, "worker")
+        urls = [args.metrics_url] if args.metrics_url else []
+        points += await _run_levels(args, args.nats_url, urls, payload, frames, "worker")
     if args.engine_only:
         if repository is None:
             raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
@@ -569,6 +597,12 @@ def register(subparsers: Any) -> None:
     )
     target.add_argument("--metrics-url", default=None, help="a running worker's /metrics, for batch sizes")
     target.add_argument("--embedded", action="store_true", help="start nats-server and the worker here")
+    target.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with --embedded: worker processes sharing the consumer (and the GPU)",
+    )
     target.add_argument(
         "--repository",
         type=Path,
@@ -647,6 +681,7 @@ def _command(args: argparse.Namespace) -> int:
     require(args.rate is None or all(r > 0 for r in args.rate), "rate", "must be above 0")
     require(args.frames >= 1, "frames", "must be at least 1")
     require(args.clients >= 1, "clients", "must be at least 1")
+    require(args.workers >= 1, "workers", "must be at least 1")
     require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
     report = asyncio.run(run_bench(args))
     if args.json is not None:

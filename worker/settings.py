@@ -27,7 +27,9 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     )
     max_batch: int = setting(0, "most frames per batch (0: the model config's max_batch)")
     max_wait_ms: float = setting(
-        1.0, "after the first request of a batch, wait at most this long for more (0: take what is queued)"
+        0.0,
+        "after the first request of a batch, wait at most this long for more (0: take what is queued; "
+        "under load batches still fill while the engine is busy)",
     )
     pipeline_depth: int = setting(
         2, "prepared batches waiting for the engine (fetch/decode overlap inference)"

@@ -45,14 +45,16 @@ $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --mod
     --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle.json" \
     --worker-arg=--lag-poll-s=1 > /dev/null
 
-step end-to-end throughput, JPEG requests, decoded on CPU threads in the worker
-$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
-    --concurrency 256 1024 --clients 4 --duration-s 8 --warmup-s 3 --no-progress \
-    --json "$OUT/e2e-resnet50-jpeg.json" --worker-arg=--decode-workers=12 --worker-arg=--lag-poll-s=1 > /dev/null
+step end-to-end throughput, JPEG requests decoded on CPU threads, 1 and 4 worker processes on the GPU
+for workers in 1 4; do
+    $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
+        --concurrency 512 --clients 4 --workers "$workers" --duration-s 6 --warmup-s 3 --no-progress \
+        --json "$OUT/e2e-resnet50-jpeg-w$workers.json" --worker-arg=--lag-poll-s=1 > /dev/null
+done
 
-step end-to-end throughput, tensor requests of 8 frames
+step end-to-end throughput, FP32 tensor requests of 8 frames
 $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload tensor \
-    --frames 8 --concurrency 64 256 --clients 4 --duration-s 8 --warmup-s 3 --no-progress \
+    --frames 8 --concurrency 64 --clients 4 --duration-s 6 --warmup-s 3 --no-progress \
     --json "$OUT/e2e-resnet50-tensor8.json" --worker-arg=--lag-poll-s=1 > /dev/null
 
 step summary
