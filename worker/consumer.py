@@ -153,7 +153,8 @@ class PullConsumer:
     async def _on_message(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
         headers = msg.headers
-        status = headers.get("Status") if headers else None
+        # Pull statuses come without an ack subject; a request's own "Status" header is not one.
+        status = headers.get("Status") if headers and not msg.reply else None
         if not status:
             self._pending = max(0, self._pending - 1)
             self._queue.append(Received(msg, self._last_seen))
