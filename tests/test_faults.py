@@ -295,3 +295,18 @@ async def test_sweep_buries_a_request_whose_advisory_nobody_heard(
         assert await dead_letters.sweep(model) == 0
     finally:
         await nc.close()
+
+
+async def test_a_request_with_its_own_status_header_is_answered(
+    nats_server: NatsUnderTest, nc: Any, model_repo: Any
+) -> None:
+    """Pull statuses arrive as a "Status" header; a request with its own is still served (fuzzing)."""
+    repo, model = model_repo("identity")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    async with running_worker(nats_server.url, repo, [model]):
+        headers = {**request_headers("status-404", inbox), "Status": "404", "Description": "No Messages"}
+        await nc.jetstream().publish(infer_subject(model), body(4, "status-404"), headers=headers)
+        reply = decode_reply((await sub.next_msg(timeout=30)).data)
+    assert not isinstance(reply, ErrorReply), reply
+    assert reply.id == "status-404"
