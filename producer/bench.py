@@ -333,15 +333,25 @@ def _wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) 
 
 @contextlib.asynccontextmanager
 async def embedded_stack(
-    repository: Path, model: str, *, bare: bool, worker_args: Sequence[str], workers: int = 1
+    repository: Path,
+    model: str,
+    *,
+    bare: bool,
+    worker_args: Sequence[str],
+    workers: int = 1,
+    devices: Sequence[int] = (),
 ) -> AsyncIterator[tuple[str, list[str]]]:
-    """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls)."""
+    """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls).
+
+    With `devices`, worker i runs on GPU `devices[i % len(devices)]` (one worker per GPU: `--devices 0,1`).
+    """
     async with EmbeddedNatsServer() as server:
         processes: list[subprocess.Popen[bytes]] = []
         metrics_urls: list[str] = []
         try:
-            for _ in range(workers):
+            for index in range(workers):
                 metrics_port = free_port()
+                device_args = ["--device", str(devices[index % len(devices)])] if devices else []
                 if bare:
                     command = [
                         sys.executable,
@@ -372,6 +382,7 @@ async def embedded_stack(
                         "127.0.0.1",
                         "--reload-poll-s",
                         "0",
+                        *device_args,
                         *worker_args,
                     ]
                 process = await asyncio.to_thread(
@@ -556,6 +567,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 bare=mode == "bare",
                 worker_args=args.worker_arg or [],
                 workers=args.workers,
+                devices=[int(d) for d in args.devices.split(",")] if args.devices else [],
             ) as (url, metrics_urls):
                 points += await _run_levels(args, url, metrics_urls, payload, frames, mode)
     else:
@@ -602,6 +614,11 @@ def register(subparsers: Any) -> None:
         type=int,
         default=1,
         help="with --embedded: worker processes sharing the consumer (and the GPU)",
+    )
+    target.add_argument(
+        "--devices",
+        default=None,
+        help="with --embedded: GPU indices for the workers, e.g. 0,1 (worker i gets devices[i %% n])",
     )
     target.add_argument(
         "--repository",
