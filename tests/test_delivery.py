@@ -85,6 +85,12 @@ def check(tally: faults.Tally, fault: str) -> None:
     assert tally.answered == tally.sent, tally
 
 
+async def ack_pending(client: Client, model: str) -> int:
+    """Requests of `model` delivered to a worker and not yet acknowledged."""
+    info = await client.js.consumer_info(INFER_STREAM, consumer_name(model))
+    return int(info.num_ack_pending or 0)
+
+
 async def register(url: str, model: str, settings: StreamSettings) -> None:
     """Create the streams and the consumer, as a worker would, so requests can queue before one runs."""
     nc = await nats.connect(servers=url.split(","))
@@ -256,3 +262,38 @@ async def test_sigterm_mid_load_drains_and_exits_0_within_the_grace_period(
     assert exit_s < grace_s, f"exit took {exit_s:.1f} s"
     assert answered_by_first < len(load.markers)
     assert "Traceback" not in first.log()
+
+
+async def test_batch_longer_than_the_grace_period_is_given_back_and_the_worker_still_exits_in_time(
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("identity")
+    grace_s = 4.0
+    stream = {"ack_wait_s": 300}
+    await register(own_nats.url, model, StreamSettings(**stream))
+    settings = {**stream, "max_batch": 4, "max_wait_ms": 0, "grace_period_s": grace_s}
+    stuck = faults.WorkerProcess(
+        own_nats.url, repo, model, tmp_path / "stuck.log", settings, faults={"sleep_s": 30}
+    )
+    second = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "second.log", settings)
+    with faults.worker_processes(stuck, second):
+        stuck.start()
+        await stuck.ready()
+        async with Client(own_nats.url) as client:
+            load = Load(client, model, 40, timeout_s=90)
+            await load.send(per_wave=40, pause_s=0)
+            while await ack_pending(client, model) < 4:  # noqa: ASYNC110 - the server's count
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # its first batch is running (for 30 s)
+            signalled_at = time.monotonic()
+            stuck.terminate()
+            code = await stuck.wait(timeout_s=grace_s + 10)
+            exit_s = time.monotonic() - signalled_at
+            second.start()
+            results = await load.results()
+    tally = faults.tally(load.markers, results, client.duplicates_dropped)
+    tally.recover_s = load.recovery_s(signalled_at + exit_s)
+    check(tally, f"SIGTERM during a 30 s batch (exit {code} after {exit_s:.1f} s, grace {grace_s:g} s)")
+    assert code == 0, stuck.log()[-3000:]
+    assert exit_s < grace_s, f"exit took {exit_s:.1f} s"
+    assert "exiting without waiting" in stuck.log()
