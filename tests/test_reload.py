@@ -502,12 +502,14 @@ async def test_a_worker_started_on_an_empty_repository_finds_its_first_version_b
     onnx = tmp_path / "identity.onnx"
     shutil.copy(repo / model / "1" / "model.onnx", onnx)
     config = ModelRepository(repo).config(model)
-    empty_model(repo, model)
+    shutil.rmtree(repo / model)  # nothing at all yet: not even the model's folder
     async with (
         running_worker(nats_server.url, repo, [model], reload_poll_s=0.1) as worker,
         Client(nats_server.url) as client,
     ):
-        assert not worker.readiness()[0]
+        ready, detail = worker.readiness()
+        assert not ready
+        assert detail["models"][model] == {"loaded": False, "problem": "no version in the repository yet"}
         write_version(repo, config, onnx, version=1)  # no signal: only the poll can find it
         await wait_for(lambda: worker.readiness()[0], "the poll to load version 1")
         assert worker.readiness()[1]["models"][model]["version"] == 1

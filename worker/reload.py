@@ -199,6 +199,10 @@ class ModelSlot:
     def _refresh_blocking(self) -> ReloadResult:
         current = self.current
         current_number = current.number if current else 0
+        if current is None and not self.repository.model_dir(self.model).exists():
+            self.problem = "no version in the repository yet"
+            self._say(logging.WARNING, "model %s: %s; waiting for one", self.model, self.problem)
+            return ReloadResult("unchanged", 0, self.problem)
         try:
             config = self.repository.config(self.model)
             on_disk = self.repository.versions(self.model)
