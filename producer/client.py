@@ -26,7 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import msgpack
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
@@ -53,9 +52,11 @@ from jetinfer.protocol import (
     ErrorReply,
     InferRequest,
     InferResponse,
+    Limits,
     Tensor,
     check_model_name,
     decode_reply,
+    decode_request,
     encode_request,
     request_headers,
 )
@@ -94,7 +95,11 @@ def encode_payload(
         if suffix in _IMAGE_SUFFIXES:
             return payload.read_bytes(), _IMAGE_SUFFIXES[suffix]
         if suffix == ".npy":
-            payload = np.load(payload, allow_pickle=False)
+            path = payload
+            try:
+                payload = np.load(path, allow_pickle=False)
+            except ValueError as exc:  # an object array: numpy would need pickle to read it
+                raise InvalidInputError(f"{path}: {exc} (object arrays are never unpickled)") from None
         else:
             raise InvalidInputError(f"{payload}: send .jpg, .jpeg, .png or .npy files")
     if isinstance(payload, bytes | bytearray | memoryview):
@@ -260,9 +265,8 @@ class Client:
             return
         body = sent.body
         if sent.content_type == CONTENT_TYPE_MSGPACK:
-            decoded = msgpack.unpackb(body, raw=False)
-            decoded["id"] = retry_id
-            body = msgpack.packb(decoded, use_bin_type=True)
+            request = decode_request(body, limits=Limits(max_bytes=len(body)))
+            body = encode_request(dataclasses.replace(request, id=retry_id))
         headers = request_headers(
             retry_id, sent.reply_to, content_type=sent.content_type, deadline_ms=sent.deadline_ms
         )
