@@ -310,3 +310,37 @@ async def test_a_request_with_its_own_status_header_is_answered(
         reply = decode_reply((await sub.next_msg(timeout=30)).data)
     assert not isinstance(reply, ErrorReply), reply
     assert reply.id == "status-404"
+
+
+async def test_client_publishes_waiting_requests_again_after_a_reconnect(
+    own_nats: Any, model_repo: Any
+) -> None:
+    """A reply sent while the client was away is lost: after reconnecting it asks again, under a new id."""
+    repo, model = model_repo("identity")
+    settings = StreamSettings()
+    await register_on(own_nats.url, model, settings)
+    async with Client(own_nats.url, resend_after_s=0.2) as client:
+        call = asyncio.create_task(client.infer(model, faults.frames(8), timeout=60, request_id="again"))
+        while not client._sent:  # noqa: ASYNC110 - published and waiting (no worker runs yet)
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(own_nats.restart)
+        while client.resent == 0:  # noqa: ASYNC110 - the client's own counter
+            await asyncio.sleep(0.05)
+        async with running_worker(own_nats.url, repo, [model]):
+            reply = await call
+            while client.duplicates_dropped == 0:  # noqa: ASYNC110 - both copies are answered
+                await asyncio.sleep(0.05)
+    assert reply.id == "again"
+    assert client.resent == 1
+    assert client.duplicates_dropped == 1
+
+
+async def register_on(url: str, model: str, settings: StreamSettings) -> None:
+    connection = await nats.connect(url)
+    try:
+        js = connection.jetstream()
+        await ensure_streams(js, settings)
+        await register_model(js, model, settings)
+        await ensure_consumer(js, model, settings)
+    finally:
+        await connection.close()
