@@ -1,0 +1,91 @@
+"""`jetinfer bench`: statistics on known distributions, and a short real run with both baselines (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer.bench import summarize
+from tests.conftest import run_cli
+
+
+def test_percentiles_of_a_known_uniform_distribution() -> None:
+    latencies = [ms / 1000 for ms in range(1, 1001)]  # 1..1000 ms, shuffled
+    np.random.default_rng(1).shuffle(latencies)
+    summary = summarize(latencies, elapsed_s=2.0, frames_per_request=4, errors=Counter({"internal": 3}))
+    assert summary.requests == 1000
+    assert summary.frames == 4000
+    assert summary.requests_per_s == pytest.approx(500.0)
+    assert summary.frames_per_s == pytest.approx(2000.0)
+    assert summary.p50_ms == pytest.approx(500.0)
+    assert summary.p90_ms == pytest.approx(900.0)
+    assert summary.p99_ms == pytest.approx(990.0)
+    assert summary.max_ms == pytest.approx(1000.0)
+    assert summary.mean_ms == pytest.approx(500.5)
+    assert summary.errors == {"internal": 3}
+
+
+def test_percentiles_of_a_known_exponential_sample() -> None:
+    rng = np.random.default_rng(2)
+    latencies = rng.exponential(0.010, 200_000).tolist()  # mean 10 ms
+    summary = summarize(latencies, elapsed_s=1.0)
+    assert summary.p50_ms == pytest.approx(10 * math.log(2), rel=0.02)
+    assert summary.p99_ms == pytest.approx(10 * math.log(100), rel=0.03)
+    assert summary.mean_ms == pytest.approx(10.0, rel=0.02)
+
+
+def test_empty_sample_is_nan_not_a_crash() -> None:
+    summary = summarize([], elapsed_s=1.0, errors=Counter({"RequestTimeoutError": 2}))
+    assert summary.requests == 0
+    assert math.isnan(summary.p50_ms)
+    assert summary.errors == {"RequestTimeoutError": 2}
+
+
+def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    plot_path = tmp_path / "plot.png"
+    result = run_cli(
+        "bench",
+        "--embedded",
+        "--repository",
+        str(demo_repository),
+        "--model",
+        "identity",
+        "--payload",
+        "tensor",
+        "--shape",
+        "256",
+        "--concurrency",
+        "4",
+        "16",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "0.5",
+        "--bare",
+        "--engine-only",
+        "--engine-batch",
+        "16",
+        "--json",
+        str(report_path),
+        "--plot",
+        str(plot_path),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    modes = Counter(point["mode"] for point in report["points"])
+    assert modes == {"worker": 2, "bare": 2}
+    for point in report["points"]:
+        assert point["summary"]["requests"] > 0
+        assert point["summary"]["errors"] == {}
+    worker_points = [p for p in report["points"] if p["mode"] == "worker"]
+    assert all(p["batches"] and p["mean_batch"] >= 1 for p in worker_points)
+    assert report["engine_only"][0]["batch"] == 16
+    assert "ratio worker/bare loop" in result.stdout
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
