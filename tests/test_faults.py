@@ -72,7 +72,7 @@ async def test_poison_request_ends_in_dlq_with_an_error_while_the_rest_flows(
     assert tally.answered == len(markers), tally
     assert not tally.lost
     assert not tally.wrong
-    # Batch-mates of the poison were re-run alone, never failed with it: each good request ran once.
+    # Batch-mates of the poison were re-run in smaller batches, never failed with it: each ran once.
     assert all(faults.EXECUTIONS[m] == 1 for m in markers), {m: faults.EXECUTIONS[m] for m in markers}
     [error] = poison_result
     assert isinstance(error, BackendError), error
