@@ -113,7 +113,7 @@ async def main() -> None:
         producer_fps = float(match.group(1)) if match else 0.0
         rows.append(f"producer's own line: {last or full.stderr[-300:]}")
         rows.append(
-            f"engine-only batch 32: {engine_fps:.1f} frames/s; job throughput (producer's timing, after reading "
+            f"engine-only batch 32: {engine_fps:.1f} frames/s; job (producer's timing, after reading "
             f"the clip): {producer_fps:.1f} frames/s; ratio {producer_fps / engine_fps:.3f}"
         )
 
