@@ -409,10 +409,11 @@ async def test_memory_does_not_grow_across_20_reloads(tmp_path: Path) -> None:
         assert [ref() is None for ref in sessions] == [True] * 19 + [False]
         assert all(ref() is None or ref()._closed for ref in backends[:-1])
         # The allocator keeps or returns freed pages as it likes, so single samples swing by a model size
-        # or two; a leak raises the floor. Lowest RSS of reloads 18-20 against that of reloads 9-11:
-        # an engine kept per reload would add ten model sizes or more (its weights, prepacked copies).
+        # or two; a leak raises the floor. Lowest RSS of reloads 18-20 against that of reloads 9-11: an
+        # engine kept per reload adds ten model sizes or more (its weights and their prepacked copies),
+        # so a bound of four model sizes tells a leak from the allocator's moods.
         growth = min(rss[17:20]) - min(rss[8:11])
-        assert growth < 2 * model_bytes, (
+        assert growth < 4 * model_bytes, (
             f"RSS grew by {growth / 2**20:.1f} MiB from reloads 9-11 to 18-20 of a {model_bytes / 2**20:.1f} "
             f"MiB model: {[round(r / 2**20) for r in rss]} MiB"
         )
