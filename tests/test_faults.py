@@ -90,13 +90,13 @@ async def test_poison_request_ends_in_dlq_with_an_error_while_the_rest_flows(
 async def test_batch_slower_than_ack_wait_is_never_processed_twice(
     nats_server: NatsUnderTest, nc: Any, model_repo: Any, monkeypatch: Any
 ) -> None:
-    # ack_wait 1 s, each batch takes 1.3 s, and requests wait in the pull buffer for up to 3 batches:
-    # without in_progress they would be redelivered (and run again) long before they are answered.
-    faults.install(monkeypatch, sleep_s=1.3)
+    # ack_wait 2 s, each batch takes 2.2 s, and the second batch waits in the pull buffer for the first:
+    # without in_progress both would be redelivered (and run again) before they are answered.
+    faults.install(monkeypatch, sleep_s=2.2)
     repo, model = model_repo("identity")
-    markers = list(range(1, 13))
+    markers = list(range(1, 9))
     async with (
-        running_worker(nats_server.url, repo, [model], ack_wait_s=1, max_batch=4, max_wait_ms=50.0) as worker,
+        running_worker(nats_server.url, repo, [model], ack_wait_s=2, max_batch=4, max_wait_ms=50.0) as worker,
         Client(nats_server.url) as client,
     ):
         results = await asyncio.gather(
@@ -104,7 +104,7 @@ async def test_batch_slower_than_ack_wait_is_never_processed_twice(
         )
         progress = worker.servers[model].progress_sent
     tally = faults.tally(markers, results, client.duplicates_dropped)
-    print(tally.line("backend slower than ack_wait (1 s)") + f" in_progress={progress}")
+    print(tally.line("backend slower than ack_wait (2 s)") + f" in_progress={progress}")
     assert tally.answered == len(markers), tally
     assert progress > 0
     assert {m: faults.EXECUTIONS[m] for m in markers} == dict.fromkeys(markers, 1)
