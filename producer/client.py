@@ -21,10 +21,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,9 @@ from jetinfer.protocol import (
 from jetinfer.settings import ConnectionSettings
 from jetinfer.streams import INFER_STREAM, infer_subject
 from producer.metrics import ClientMetrics
+
+if TYPE_CHECKING:
+    from producer.video import Frame, FrameResult
 
 __all__ = ["Client", "Payload", "encode_payload"]
 
@@ -421,6 +424,24 @@ class Client:
             raise
         self.metrics.replied(model, "ok", time.perf_counter() - started)
         return response
+
+    def video(
+        self,
+        model: str,
+        frames: Iterable[Frame],
+        *,
+        job: str,
+        in_flight: int = 64,
+        stall_timeout_s: float = 60.0,
+    ) -> AsyncIterator[FrameResult]:
+        """Run `frames` through `model` as the resumable job `job`; results come in frame order.
+
+        `async for result in client.video("resnet50", read_frames(path), job="clip-1")` — see
+        `producer.video.video_job`: replies are durable on RESULTS, so re-running the job sends only the rest.
+        """
+        from producer.video import video_job
+
+        return video_job(self, model, frames, job=job, in_flight=in_flight, stall_timeout_s=stall_timeout_s)
 
     @staticmethod
     def read_reply(msg: Msg, request_id: str | None = None) -> InferResponse:

@@ -100,6 +100,7 @@ class ModelServer:
         self._decode_pool = decode_pool
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
         self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
+        self._room = asyncio.Event()  # set when the infer stage takes a batch: room to form the next
         self._done: asyncio.Queue[_Done | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
         self._held: dict[int, Received] = {}
         self._stopping = asyncio.Event()
@@ -180,6 +181,13 @@ class ModelServer:
     async def _fetch_stage(self) -> None:
         assert self._consumer is not None
         while not self._stopping.is_set():
+            # Form a batch only when it can be queued: requests keep arriving in the consumer's buffer
+            # while the engine is busy, so batches fill under load and a lone request at idle goes at once.
+            while self._batches.full() and not self._stopping.is_set():
+                self._room.clear()
+                await self._room.wait()
+            if self._stopping.is_set():
+                break
             entries = await self._consumer.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
             if not entries:
                 continue
@@ -235,6 +243,7 @@ class ModelServer:
     async def _infer_stage(self) -> None:
         while True:
             batch = await self._batches.get()
+            self._room.set()
             if batch is None:
                 break
             batch = await self._drop_expired(batch)
@@ -434,6 +443,7 @@ class ModelServer:
     async def stop(self, grace_s: float) -> None:
         """Stop fetching, finish and answer the batch in flight, nak what never started, within `grace_s`."""
         self._stopping.set()
+        self._room.set()
         if self._consumer is not None:
             unstarted = await self._consumer.stop()
             await asyncio.gather(*(self._nak(m, 0.0) for m in unstarted))

@@ -32,7 +32,7 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         "under load batches still fill while the engine is busy)",
     )
     pipeline_depth: int = setting(
-        2, "prepared batches waiting for the engine (fetch/decode overlap inference)"
+        1, "prepared batches waiting for the engine (fetch/decode of the next overlaps inference)"
     )
     fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
     decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")
