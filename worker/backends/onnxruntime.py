@@ -36,7 +36,8 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning intra-op threads burn the cores that decoding and NATS need between parallel sections;
-        # off by default (measured: engine-only the same, end to end faster). JETINFER_ORT_SPINNING=1 turns it on.
+        # off by default (measured: engine-only the same, end to end faster); JETINFER_ORT_SPINNING=1
+        # turns it on.
         spinning = os.environ.get("JETINFER_ORT_SPINNING", "0")
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         threads = intra_op_threads or int(os.environ.get("JETINFER_ORT_THREADS", "0"))
