@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[export,demo,video,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,demo,video,bench,gpu,dev]"
 	# tensorrt-stubs declares the full TensorRT as a dependency, which cannot be installed here: stubs only.
 	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs>=10.13"
 	$(BIN)/python .ci/patch_tensorrt_stubs.py

@@ -24,7 +24,7 @@ def test_flag_beats_environment_beats_default() -> None:
     assert settings.max_batch == 8
     assert settings.max_wait_ms == 7.5
     assert settings.model == ["a", "b"]
-    assert settings.pipeline_depth == 2
+    assert settings.pipeline_depth == WorkerSettings.__dataclass_fields__["pipeline_depth"].default
 
 
 def test_repeated_and_comma_separated_list_flags() -> None:
