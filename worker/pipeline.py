@@ -171,12 +171,20 @@ class ModelServer:
             )
             prepared = [r for part in parts for r in part]
         else:
-            prepared = await loop.run_in_executor(
-                self._decode_pool, self._prepare_chunk, msgs, config, max_batch
+            # One trip to the pool for decoding and batching: a thread hop per step costs more than
+            # the work itself for small tensor requests.
+            return await loop.run_in_executor(
+                self._decode_pool, self._prepare_and_batch, msgs, config, max_batch
             )
         rejected = [r for r in prepared if r.error is not None]
         batches = await loop.run_in_executor(self._decode_pool, make_batches, prepared, max_batch)
         return batches, rejected
+
+    def _prepare_and_batch(
+        self, msgs: list[Msg], config: Any, max_batch: int
+    ) -> tuple[list[Batch], list[PreparedRequest]]:
+        prepared = self._prepare_chunk(msgs, config, max_batch)
+        return make_batches(prepared, max_batch), [r for r in prepared if r.error is not None]
 
     async def _fetch_stage(self) -> None:
         assert self._consumer is not None
@@ -306,7 +314,11 @@ class ModelServer:
                     pending.append(self._finish(request, result, version=done.loaded_version))
                 else:
                     pending.append(self._reply_ok(request, result, done))
-            await asyncio.gather(*pending)
+            if any(r.reply_to and r.reply_to.startswith("results.") for r in done.batch.requests):
+                await asyncio.gather(*pending)  # durable replies wait for their PubAcks: in parallel
+            else:
+                for step in pending:  # inbox replies only fill the write buffer: no task per reply
+                    await step
 
     async def _reply_ok(
         self, request: PreparedRequest, outputs: dict[str, npt.NDArray[Any]], done: _Done
