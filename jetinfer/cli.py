@@ -16,7 +16,10 @@ from typing import Final
 
 from jetinfer.errors import JetinferError
 
-__all__ = ["COMMAND_MODULES", "build_parser", "main"]
+__all__ = ["COMMAND_MODULES", "QUIET_COMMANDS", "build_parser", "main"]
+
+#: Commands whose output is the point: their logs start at WARNING unless asked otherwise.
+QUIET_COMMANDS: Final = frozenset({"demo", "infer", "video", "bench", "engine-bench", "models"})
 
 COMMAND_MODULES: Final = (
     "worker.cli",
@@ -37,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (env JETINFER_LOG_LEVEL)",
+        help="logging level (env JETINFER_LOG_LEVEL; default INFO, WARNING for commands that print results)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
@@ -54,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = os.environ.get("JETINFER_LOG_LEVEL", args.log_level)
+    quiet_by_default = args.command in QUIET_COMMANDS
+    level = (
+        args.log_level or os.environ.get("JETINFER_LOG_LEVEL") or ("WARNING" if quiet_by_default else "INFO")
+    )
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
