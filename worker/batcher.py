@@ -26,12 +26,21 @@ class Batch:
     inputs: dict[str, npt.NDArray[Any]]
 
     @property
+    def encoded(self) -> list[bytes] | None:
+        """The JPEGs of a batch left for the GPU decoder, or None for a batch of decoded inputs."""
+        if not self.requests or self.requests[0].encoded is None:
+            return None
+        return [r.encoded for r in self.requests if r.encoded is not None]
+
+    @property
     def frames(self) -> int:
         """Frames in the batch (the first dimension of every input)."""
         return sum(r.frames for r in self.requests)
 
 
 def _concatenate(requests: list[PreparedRequest]) -> dict[str, npt.NDArray[Any]]:
+    if requests[0].encoded is not None:
+        return {}  # decoded on the GPU when the batch runs
     names = requests[0].inputs.keys()
     if len(requests) == 1:
         return dict(requests[0].inputs)

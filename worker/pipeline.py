@@ -44,6 +44,7 @@ from jetinfer.protocol import (
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
 from worker.consumer import AckAction, PullConsumer, Received, decide_ack
+from worker.gpu_decode import GpuJpegDecoder
 from worker.metrics import WorkerMetrics
 from worker.reload import LoadedModel, ModelSlot
 from worker.replies import publish_reply
@@ -108,6 +109,7 @@ class ModelServer:
         self._consumer: PullConsumer | None = None
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
         self.batches_run = 0
+        self._gpu_decoder: GpuJpegDecoder | None = None
         self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
         self.isolated_runs = 0  # single-request re-runs after a failed batch
 
@@ -127,6 +129,12 @@ class ModelServer:
             capacity=capacity,
             heartbeat_s=self._settings.heartbeat_s,
         )
+        current = self._slot.current
+        if self._settings.gpu_decode and current is not None and current.config.preprocess is not None:
+            # Refuse at start, not at the first request, where the GPU decoder cannot work.
+            self._gpu_decoder = await asyncio.to_thread(
+                GpuJpegDecoder, current.config.preprocess, device=self._settings.device
+            )
         await self._consumer.start()
         self._tasks = [
             asyncio.create_task(self._fetch_stage(), name=f"fetch-{self.model}"),
@@ -149,7 +157,11 @@ class ModelServer:
     # -- fetch stage -------------------------------------------------------------------------------
 
     def _prepare_chunk(self, msgs: list[Msg], config: Any, max_batch: int) -> list[PreparedRequest]:
-        return [prepare_request(m, config, max_batch=max_batch, limits=self._limits) for m in msgs]
+        gpu_jpeg = self._gpu_decoder is not None
+        return [
+            prepare_request(m, config, max_batch=max_batch, limits=self._limits, gpu_jpeg=gpu_jpeg)
+            for m in msgs
+        ]
 
     async def _prepare(self, msgs: list[Msg]) -> tuple[list[Batch], list[PreparedRequest]]:
         loop = asyncio.get_running_loop()
@@ -220,14 +232,23 @@ class ModelServer:
 
     # -- infer stage -------------------------------------------------------------------------------
 
-    def _run(self, loaded: LoadedModel, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        return loaded.backend.infer(inputs)
+    def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
+        encoded = batch.encoded
+        if encoded is None:
+            return loaded.backend.infer(batch.inputs)
+        preprocess = loaded.config.preprocess
+        if self._gpu_decoder is None or preprocess is None:
+            raise BackendError("a JPEG batch was left for the GPU decoder, but there is none")
+        if self._gpu_decoder.config != preprocess:  # a new version changed its preprocessing
+            self._gpu_decoder = GpuJpegDecoder(preprocess, device=self._settings.device)
+        images = self._gpu_decoder.decode(encoded)
+        return loaded.backend.infer({preprocess.input: images})
 
     async def _run_batch(self, loaded: LoadedModel, batch: Batch) -> list[Outputs | RequestError]:
         """Run `batch`; if it fails and holds several requests, split it until only the bad ones fail."""
         loop = asyncio.get_running_loop()
         try:
-            raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch.inputs)
+            raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch)
             return list(split_outputs(batch, raw))
         except Exception as exc:
             error = _request_error(exc)

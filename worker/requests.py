@@ -23,6 +23,7 @@ from jetinfer.errors import (
     TooLargeError,
 )
 from jetinfer.protocol import (
+    CONTENT_TYPE_JPEG,
     CONTENT_TYPE_MSGPACK,
     HEADER_CONTENT_TYPE,
     HEADER_DEADLINE,
@@ -55,10 +56,13 @@ class PreparedRequest:
     frames: int = 0
     error: RequestError | None = None
     content_type: str = CONTENT_TYPE_MSGPACK
+    encoded: bytes | None = None  # a JPEG left for the GPU to decode (--gpu-decode)
 
     @property
     def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Per-frame shapes; requests with the same key can share a batch."""
+        if self.encoded is not None:
+            return (("encoded-jpeg", ()),)
         return tuple(sorted((name, tuple(arr.shape[1:])) for name, arr in self.inputs.items()))
 
 
@@ -93,8 +97,13 @@ def _validate(inputs: dict[str, npt.NDArray[Any]], config: ModelConfig, max_batc
     return frames
 
 
-def prepare_request(msg: Msg, config: ModelConfig, *, max_batch: int, limits: Limits) -> PreparedRequest:
-    """Decode and validate one message for `config`. Never raises; errors are set on the result."""
+def prepare_request(
+    msg: Msg, config: ModelConfig, *, max_batch: int, limits: Limits, gpu_jpeg: bool = False
+) -> PreparedRequest:
+    """Decode and validate one message for `config`. Never raises; errors are set on the result.
+
+    With `gpu_jpeg`, a JPEG request is checked for size only and left encoded for the GPU decoder.
+    """
     headers = msg.headers or {}
     deliveries, enqueued_at = delivery_info(msg)
     request_id = headers.get(HEADER_MSG_ID, "")
@@ -122,6 +131,10 @@ def prepare_request(msg: Msg, config: ModelConfig, *, max_batch: int, limits: Li
                 raise InvalidInputError(f"model {config.name} takes tensors, not {content_type} images")
             if len(msg.data) > limits.max_bytes:
                 raise TooLargeError(f"image of {len(msg.data)} bytes is over {limits.max_bytes}")
+            if gpu_jpeg and content_type == CONTENT_TYPE_JPEG and msg.data[:3] == b"\xff\xd8\xff":
+                request.encoded = bytes(msg.data)
+                request.frames = 1
+                return request
             inputs = {config.preprocess.input: preprocess_image(msg.data, config.preprocess)}
         elif content_type == CONTENT_TYPE_MSGPACK:
             decoded = decode_request(msg.data, limits=limits)

@@ -42,6 +42,11 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     grace_period_s: float = setting(25.0, "on SIGTERM, time to finish the batches in flight before exiting")
     metrics_host: str = setting("0.0.0.0", "address of the /metrics, /healthz and /readyz server")
     metrics_port: int = setting(8080, "port of /metrics, /healthz and /readyz (0: disabled)")
+    gpu_decode: bool = setting(
+        False,
+        "decode, resize and normalise JPEG requests on the GPU (torch with CUDA and torchvision; PNG and "
+        "tensor requests stay on the CPU)",
+    )
     device: int | None = setting(None, "GPU index (default: CUDA_VISIBLE_DEVICES / the first GPU)")
     reload_poll_s: float = setting(30.0, "poll the repository for new versions this often (0: signal only)")
     lag_poll_s: float = setting(5.0, "read consumer lag from the server this often (for metrics)")

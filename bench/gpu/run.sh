@@ -6,7 +6,8 @@
 # torchvision) and EfficientNet-Lite0 as torch.export fp16 versions, times them engine-only at batch
 # 1..256, then end to end through an embedded nats-server and the worker, and prints a table last.
 # Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
-# SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again).
+# SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again); QUICK=1 skips the runs
+# already measured (4 CPU-decoding workers, 8-frame tensors).
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/jetinfer-gpu}}
 mkdir -p "$OUT"
@@ -23,7 +24,7 @@ $PY -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.versi
 nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 
 step gpu tests
-[ "${SKIP_TESTS:-0}" = 1 ] || $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_tensorrt.py \
+[ "${SKIP_TESTS:-0}" = 1 ] || $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_tensorrt.py tests/test_gpu_decode.py \
     2>&1 | tail -15 | tee "$OUT/gpu-tests.txt" || true
 
 step build models
@@ -45,17 +46,29 @@ $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --mod
     --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle.json" \
     --worker-arg=--lag-poll-s=1 > /dev/null
 
-step end-to-end throughput, JPEG requests decoded on CPU threads, 1 and 4 worker processes on the GPU
-for workers in 1 4; do
+step "end-to-end throughput, JPEG requests decoded on CPU threads (1 and 4 workers) or on the GPU (1 and 2)"
+jpeg() {  # name workers extra-worker-args...
+    local name=$1 workers=$2; shift 2
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
         --concurrency 512 --clients 4 --workers "$workers" --duration-s 6 --warmup-s 3 --no-progress \
-        --json "$OUT/e2e-resnet50-jpeg-w$workers.json" --worker-arg=--lag-poll-s=1 > /dev/null
-done
+        --json "$OUT/e2e-resnet50-$name.json" --worker-arg=--lag-poll-s=1 "$@" > /dev/null
+}
+jpeg jpeg-w1 1
+[ "${QUICK:-0}" = 1 ] || jpeg jpeg-w4 4
+jpeg jpeg-gpu-w1 1 --worker-arg=--gpu-decode
+jpeg jpeg-gpu-w2 2 --worker-arg=--gpu-decode
 
-step end-to-end throughput, FP32 tensor requests of 8 frames
-$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload tensor \
-    --frames 8 --concurrency 64 --clients 4 --duration-s 6 --warmup-s 3 --no-progress \
-    --json "$OUT/e2e-resnet50-tensor8.json" --worker-arg=--lag-poll-s=1 > /dev/null
+step end-to-end idle latency, one JPEG at a time, decoded on the GPU
+$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
+    --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle-jpeg-gpu.json" \
+    --worker-arg=--gpu-decode > /dev/null
+
+if [ "${QUICK:-0}" != 1 ]; then
+    step end-to-end throughput, FP32 tensor requests of 8 frames
+    $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload tensor \
+        --frames 8 --concurrency 64 --clients 4 --duration-s 6 --warmup-s 3 --no-progress \
+        --json "$OUT/e2e-resnet50-tensor8.json" --worker-arg=--lag-poll-s=1 > /dev/null
+fi
 
 step summary
 $PY bench/gpu/summarize.py "$OUT"

@@ -39,7 +39,7 @@ def main(out: Path) -> None:
             row += f" {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
             print(f"{row} {batch:>6} {memory:>21}  {s['errors'] or ''}")
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
-            if name.endswith("idle"):
+            if name == "resnet50-idle":
                 idle_p50 = s["p50_ms"]
     resnet = engines.get("resnet50") or []
     if resnet:
@@ -47,7 +47,7 @@ def main(out: Path) -> None:
         engine_b1 = next((r["latency_ms_p50"] for r in resnet if r["batch"] == 1), None)
         print(f"\nresnet50 engine-only best: {engine_best:.0f} img/s")
         for name, value in sorted(best.items()):
-            if not name.endswith("idle"):
+            if "idle" not in name:
                 print(f"ratio {name} / engine-only best: {value / engine_best:.3f}  (target >= 0.8)")
         if idle_p50 is not None and engine_b1 is not None:
             print(

@@ -369,7 +369,9 @@ class TorchBackend(Backend):
                     f"input {spec.name!r}: shape {list(array.shape)}, the model takes "
                     f"[batch, {', '.join(map(str, spec.shape))}]"
                 )
-            if not np.can_cast(array.dtype, dtype, "same_kind"):
+            if self._is_device_tensor(array):
+                pass  # a tensor already on the GPU (images decoded there): copied with a cast below
+            elif not np.can_cast(array.dtype, dtype, "same_kind"):
                 raise InvalidInputError(
                     f"input {spec.name!r}: {array.dtype} given, the model takes {spec.datatype}"
                 )
@@ -404,9 +406,17 @@ class TorchBackend(Backend):
             except Exception as exc:
                 raise BackendError(f"torch failed: {type(exc).__name__}: {exc}") from exc
 
+    def _is_device_tensor(self, value: Any) -> bool:
+        """Whether an input is a torch tensor on a GPU (GPU-decoded images) rather than a numpy array."""
+        torch = self._torch
+        return torch is not None and isinstance(value, torch.Tensor) and bool(value.is_cuda)
+
     def _tensors_from(self, inputs: dict[str, npt.NDArray[Any]]) -> list[Any]:
         torch, tensors = self._torch, []
         for spec, dtype in zip(self.inputs, self._in_dtypes, strict=True):
+            if self._is_device_tensor(inputs[spec.name]):
+                tensors.append(inputs[spec.name])
+                continue
             array = np.ascontiguousarray(inputs[spec.name], dtype=dtype)
             if not array.flags.writeable:
                 array = array.copy()  # torch wants writable memory
@@ -420,7 +430,10 @@ class TorchBackend(Backend):
         return self._outputs_to_numpy(self._forward(self._tensors_from(inputs)))
 
     def _infer_dynamic(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        tensors = [t.pin_memory().to(self._device, non_blocking=True) for t in self._tensors_from(inputs)]
+        tensors = [
+            t if t.is_cuda else t.pin_memory().to(self._device, non_blocking=True)
+            for t in self._tensors_from(inputs)
+        ]
         result = self._outputs_to_numpy(self._forward(tensors))
         self._stream.synchronize()
         return result
@@ -430,7 +443,11 @@ class TorchBackend(Backend):
         for spec, staged, pinned, device_buffer in zip(
             self.inputs, self._pinned_in_np, self._pinned_in, self._device_in, strict=True
         ):
-            cuda.stage(staged[:batch], inputs[spec.name])
+            value = inputs[spec.name]
+            if self._is_device_tensor(value):
+                device_buffer[:batch].copy_(value, non_blocking=True)  # device to device, with the cast
+                continue
+            cuda.stage(staged[:batch], value)
             device_buffer[:batch].copy_(pinned[:batch], non_blocking=True)
         graph = self._graphs.get(bucket)
         if graph is not None:
