@@ -242,6 +242,8 @@ class ModelServer:
         if self._gpu_decoder.config != preprocess:  # a new version changed its preprocessing
             self._gpu_decoder = GpuJpegDecoder(preprocess, device=self._settings.device)
         images = self._gpu_decoder.decode(encoded)
+        if not loaded.backend.accepts_device_tensors:  # e.g. a reload brought an onnxruntime version
+            images = images.cpu().numpy()
         return loaded.backend.infer({preprocess.input: images})
 
     async def _run_batch(self, loaded: LoadedModel, batch: Batch) -> list[Outputs | RequestError]:

@@ -47,6 +47,11 @@ class Backend(abc.ABC):
         return self.version.config.outputs
 
     @property
+    def accepts_device_tensors(self) -> bool:
+        """Whether `infer` takes inputs already on its GPU (torch tensors), e.g. from `--gpu-decode`."""
+        return False
+
+    @property
     def max_batch(self) -> int:
         """The largest batch `infer` accepts."""
         return self.version.config.max_batch

@@ -153,6 +153,11 @@ class TorchBackend(Backend):
         """Whether the model runs on a CUDA device."""
         return self._device is not None and self._device.type == "cuda"
 
+    @property
+    def accepts_device_tensors(self) -> bool:
+        """A model on a GPU takes GPU-decoded images without a trip through host memory."""
+        return self.on_cuda
+
     def _pick_device(self, torch: Any) -> Any:
         path = self.version.model_file
         if torch.cuda.is_available():
