@@ -109,6 +109,35 @@ class BenchPoint:
     gpu_memory_after_bytes: float | None = None
 
 
+@dataclass
+class _Tally:
+    """What one load level collects: latencies of the answered requests and failures by code."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    async def request(
+        self,
+        client: Client,
+        model: str,
+        payload: Payload,
+        *,
+        since: float,
+        timeout_s: float,
+        input_name: str,
+        progress: Any,
+    ) -> None:
+        """Send one request; record its latency from `since`, or its failure, whatever it is."""
+        try:
+            await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
+        except Exception as exc:  # a load generator counts failures, it never stops on one
+            self.errors[getattr(exc, "code", None) or type(exc).__name__] += 1
+            return
+        self.latencies.append(time.perf_counter() - since)
+        if progress is not None:
+            progress.update()
+
+
 async def closed_loop(
     client: Client,
     model: str,
@@ -121,25 +150,24 @@ async def closed_loop(
     input_name: str = "input",
 ) -> tuple[list[float], Counter[str], float]:
     """`concurrency` users each sending a request as soon as the previous one is answered."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    tally = _Tally()
     deadline = time.perf_counter() + duration_s
 
     async def user() -> None:
         while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            try:
-                await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
-            except Exception as exc:  # a load generator counts failures, whatever they are
-                errors[getattr(exc, "code", None) or type(exc).__name__] += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
-            if progress is not None:
-                progress.update()
+            await tally.request(
+                client,
+                model,
+                payload,
+                since=time.perf_counter(),
+                timeout_s=timeout_s,
+                input_name=input_name,
+                progress=progress,
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - started
+    return tally.latencies, tally.errors, time.perf_counter() - started
 
 
 async def open_loop(
@@ -154,20 +182,20 @@ async def open_loop(
     input_name: str = "input",
 ) -> tuple[list[float], Counter[str], float]:
     """Requests sent at `rate` per second regardless of replies; latency counts from the scheduled time."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    tally = _Tally()
     total = max(1, int(rate * duration_s))
     started = time.perf_counter()
 
     async def one(scheduled: float) -> None:
-        try:
-            await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
-        except Exception as exc:  # a load generator counts failures, whatever they are
-            errors[getattr(exc, "code", None) or type(exc).__name__] += 1
-            return
-        latencies.append(time.perf_counter() - scheduled)
-        if progress is not None:
-            progress.update()
+        await tally.request(
+            client,
+            model,
+            payload,
+            since=scheduled,
+            timeout_s=timeout_s,
+            input_name=input_name,
+            progress=progress,
+        )
 
     tasks = []
     for index in range(total):
@@ -177,7 +205,7 @@ async def open_loop(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(scheduled)))
     await asyncio.gather(*tasks)
-    return latencies, errors, time.perf_counter() - started
+    return tally.latencies, tally.errors, time.perf_counter() - started
 
 
 def _client_process(
@@ -435,7 +463,7 @@ async def _run_levels(
             client,
             args.model,
             payload,
-            concurrency=max(1, min(levels)),
+            concurrency=max(1, min(args.concurrency)),  # open-loop levels are rates, not users
             duration_s=args.warmup_s,
             input_name=args.input_name,
         )

@@ -6,6 +6,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,3 +90,16 @@ def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path:
     assert report["engine_only"][0]["batch"] == 16
     assert "ratio worker/bare loop" in result.stdout
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_open_loop_sends_at_the_rate_asked(nats_server: Any, model_repo: Any) -> None:
+    from producer.bench import open_loop
+    from producer.client import Client
+    from tests.conftest import running_worker
+
+    repo, model = model_repo("identity")
+    payload = np.ones((1, 16), np.float32)
+    async with running_worker(nats_server.url, repo, [model]), Client(nats_server.url) as client:
+        latencies, errors, _ = await open_loop(client, model, payload, rate=200.0, duration_s=0.5)
+    assert len(latencies) == 100  # rate x duration requests, each answered
+    assert not errors
