@@ -66,6 +66,23 @@ needs_cuda = pytest.mark.skipif(bool(CUDA_MISSING), reason=CUDA_MISSING or "CUDA
 
 MAX_BATCH = 8
 
+#: The build arguments most tests use; each test overrides what it is about.
+BUILD_DEFAULTS: dict[str, Any] = {
+    "fp16": False,
+    "int8": False,
+    "calibration_dir": None,
+    "min_batch": 1,
+    "opt_batch": 4,
+    "max_batch": MAX_BATCH,
+    "workspace_bytes": 1 << 28,
+    "timing_cache": None,
+}
+
+
+def build(onnx_file: Path, plan: Path, config: ModelConfig, **overrides: Any) -> dict[str, str]:
+    """`build_engine` with BUILD_DEFAULTS, `overrides` winning."""
+    return build_engine(onnx_file, plan, config=config, **{**BUILD_DEFAULTS, **overrides})
+
 
 def gemm_config(max_batch: int = MAX_BATCH) -> ModelConfig:
     return ModelConfig(
@@ -182,19 +199,7 @@ def test_building_without_tensorrt_is_a_load_error(tmp_path: Path, monkeypatch: 
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="TensorRT is not installed"):
-        build_engine(
-            onnx_file,
-            tmp_path / "model.plan",
-            config=gemm_config(),
-            fp16=False,
-            int8=False,
-            calibration_dir=None,
-            min_batch=1,
-            opt_batch=4,
-            max_batch=MAX_BATCH,
-            workspace_bytes=1 << 28,
-            timing_cache=None,
-        )
+        build(onnx_file, tmp_path / "model.plan", gemm_config())
     assert not (tmp_path / "model.plan").exists()
 
 
@@ -212,19 +217,8 @@ def test_building_without_tensorrt_is_a_load_error(tmp_path: Path, monkeypatch: 
 def test_build_arguments_are_checked_first(tmp_path: Path, overrides: dict[str, Any], setting: str) -> None:
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"")
-    arguments: dict[str, Any] = {
-        "fp16": False,
-        "int8": False,
-        "calibration_dir": None,
-        "min_batch": 1,
-        "opt_batch": 4,
-        "max_batch": MAX_BATCH,
-        "workspace_bytes": 1 << 28,
-        "timing_cache": None,
-    }
-    arguments.update(overrides)
     with pytest.raises(SettingsError) as raised:
-        build_engine(onnx_file, tmp_path / "model.plan", config=gemm_config(), **arguments)
+        build(onnx_file, tmp_path / "model.plan", gemm_config(), **overrides)
     assert raised.value.setting == setting
 
 
@@ -232,38 +226,16 @@ def test_int8_needs_images_and_a_preprocess_section(tmp_path: Path) -> None:
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    common: dict[str, Any] = {
-        "fp16": False,
-        "int8": True,
-        "min_batch": 1,
-        "opt_batch": 4,
-        "max_batch": 8,
-        "workspace_bytes": 1 << 28,
-        "timing_cache": None,
-    }
+    common: dict[str, Any] = {"int8": True, "max_batch": 8}
     with pytest.raises(SettingsError, match="no preprocess section"):
-        build_engine(onnx_file, tmp_path / "p", config=gemm_config(), calibration_dir=tmp_path, **common)
+        build(onnx_file, tmp_path / "p", gemm_config(), calibration_dir=tmp_path, **common)
     with pytest.raises(ModelLoadError, match="no calibration images"):
-        build_engine(
-            onnx_file, tmp_path / "p", config=image_config(), calibration_dir=tmp_path / "empty", **common
-        )
+        build(onnx_file, tmp_path / "p", image_config(), calibration_dir=tmp_path / "empty", **common)
 
 
 def test_a_missing_onnx_file_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such ONNX file"):
-        build_engine(
-            tmp_path / "absent.onnx",
-            tmp_path / "model.plan",
-            config=gemm_config(),
-            fp16=False,
-            int8=False,
-            calibration_dir=None,
-            min_batch=1,
-            opt_batch=4,
-            max_batch=MAX_BATCH,
-            workspace_bytes=1 << 28,
-            timing_cache=None,
-        )
+        build(tmp_path / "absent.onnx", tmp_path / "model.plan", gemm_config())
 
 
 # -- calibration images: the model's own preprocessing ------------------------------------------------
@@ -460,19 +432,7 @@ def build_gemm(
     onnx_file = tmp_path / "gemm.onnx"
     w, b = write_gemm_onnx(onnx_file)
     plan = tmp_path / "build" / "model.plan"
-    info = build_engine(
-        onnx_file,
-        plan,
-        config=gemm_config(),
-        fp16=fp16,
-        int8=False,
-        calibration_dir=None,
-        min_batch=1,
-        opt_batch=4,
-        max_batch=MAX_BATCH,
-        workspace_bytes=1 << 28,
-        timing_cache=timing_cache,
-    )
+    info = build(onnx_file, plan, gemm_config(), fp16=fp16, timing_cache=timing_cache)
     version = write_version(
         tmp_path / "repo",
         gemm_config(),
@@ -536,19 +496,7 @@ def test_parser_errors_are_listed(tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"this is not protobuf")
     with pytest.raises(ModelLoadError, match="ONNX parser found"):
-        build_engine(
-            broken,
-            tmp_path / "model.plan",
-            config=gemm_config(),
-            fp16=False,
-            int8=False,
-            calibration_dir=None,
-            min_batch=1,
-            opt_batch=4,
-            max_batch=MAX_BATCH,
-            workspace_bytes=1 << 28,
-            timing_cache=None,
-        )
+        build(broken, tmp_path / "model.plan", gemm_config())
 
 
 @pytest.mark.trt
@@ -580,19 +528,7 @@ def test_int8_calibrated_conv_engine_runs(tmp_path: Path) -> None:
     for seed in range(16):
         photo(seed).save(images / f"{seed}.png")
     plan = tmp_path / "model.plan"
-    info = build_engine(
-        onnx_file,
-        plan,
-        config=config,
-        fp16=True,
-        int8=True,
-        calibration_dir=images,
-        min_batch=1,
-        opt_batch=4,
-        max_batch=MAX_BATCH,
-        workspace_bytes=1 << 28,
-        timing_cache=None,
-    )
+    info = build(onnx_file, plan, config, fp16=True, int8=True, calibration_dir=images)
     version = write_version(
         tmp_path / "repo", config, plan, backend="tensorrt", precision="int8", tensorrt=info
     )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from jetinfer.errors import JetinferError, ModelLoadError
 from jetinfer.repository import ModelVersion, TensorSpec
 
 __all__ = ["BACKEND_MODULES", "Backend", "load_backend"]
@@ -56,6 +58,25 @@ class Backend(abc.ABC):
         """The largest batch `infer` accepts."""
         return self.version.config.max_batch
 
+    def _load_or_release(self, load: Callable[[], None], release: Callable[[], None], library: str) -> None:
+        """Run `load`; if it fails, `release` what it got and raise ModelLoadError naming the file.
+
+        ModelLoadError passes through as it is, jetinfer's own errors get the file name in front, and
+        anything else from the library is translated with `library` named ("torch cannot load it").
+        """
+        where = self.version.model_file
+        try:
+            load()
+        except ModelLoadError:
+            release()
+            raise
+        except JetinferError as exc:
+            release()
+            raise ModelLoadError(f"{where}: {exc}") from exc
+        except Exception as exc:
+            release()
+            raise ModelLoadError(f"{where}: {library} cannot load it: {type(exc).__name__}: {exc}") from exc
+
     @abc.abstractmethod
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch. Inputs are keyed by name, first dimension the batch; outputs likewise."""
@@ -90,8 +111,6 @@ def load_backend(version: ModelVersion, *, device: int | None = None) -> Backend
     """Load `version` with the backend its manifest names."""
     module_name = BACKEND_MODULES.get(version.backend)
     if module_name is None:
-        from jetinfer.errors import ModelLoadError
-
         raise ModelLoadError(f"{version.path}: unknown backend {version.backend!r}")
     module = importlib.import_module(module_name)
     backend_cls: type[Backend] = module.BACKEND

@@ -226,19 +226,7 @@ class TensorRTBackend(Backend):
         self._graphs: dict[tuple[tuple[int, ...], ...], cuda.Graph] = {}
         self._no_graph: set[tuple[tuple[int, ...], ...]] = set()
         self._min_batch = 1
-        try:
-            self._load()
-        except ModelLoadError:
-            self._release()
-            raise
-        except JetinferError as exc:
-            self._release()
-            raise ModelLoadError(f"{version.model_file}: {exc}") from exc
-        except Exception as exc:
-            self._release()
-            raise ModelLoadError(
-                f"{version.model_file}: TensorRT cannot load it: {type(exc).__name__}: {exc}"
-            ) from exc
+        self._load_or_release(self._load, self._release, "TensorRT")
 
     # -- loading ---------------------------------------------------------------------------------
 

@@ -132,19 +132,7 @@ class TorchBackend(Backend):
         self.fp16 = False
         self.cuda_graphs = False
         self.channels_last = False
-        try:
-            self._load(fp16, cuda_graphs, channels_last)
-        except ModelLoadError:
-            self._release()
-            raise
-        except JetinferError as exc:
-            self._release()
-            raise ModelLoadError(f"{version.model_file}: {exc}") from exc
-        except Exception as exc:
-            self._release()
-            raise ModelLoadError(
-                f"{version.model_file}: torch cannot load it: {type(exc).__name__}: {exc}"
-            ) from exc
+        self._load_or_release(lambda: self._load(fp16, cuda_graphs, channels_last), self._release, "torch")
 
     # -- loading ---------------------------------------------------------------------------------
 
