@@ -33,7 +33,6 @@ __all__ = [
     "load_settings",
     "require",
     "setting",
-    "settings_from",
 ]
 
 ENV_PREFIX = "JETINFER_"
@@ -274,9 +273,3 @@ class StreamSettings:
         require(self.ack_wait_s >= 1, "ack_wait_s", "must be at least 1 second")
         require(self.max_deliver >= 1, "max_deliver", "must be at least 1")
         require(self.max_ack_pending >= 1, "max_ack_pending", "must be at least 1")
-
-
-def settings_from(cls: type[T], source: object) -> T:
-    """Copy the fields of settings class `cls` out of a larger settings object that inherits from it."""
-    assert dataclasses.is_dataclass(cls)
-    return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if f.init})
