@@ -44,6 +44,7 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "encode_error",
+    "encode_outputs",
     "encode_request",
     "encode_response",
     "request_headers",
@@ -80,6 +81,8 @@ DATATYPES: Final[Mapping[str, np.dtype[Any]]] = {
     "FP64": np.dtype("<f8"),
 }
 _NAME_OF_KIND: Final = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+#: The exact dtypes that go on the wire as they are (native byte order equals little-endian here or not).
+_WIRE_NAME: Final[Mapping[np.dtype[Any], str]] = {dt: name for name, dt in DATATYPES.items()}
 
 
 def datatype_of(dtype: npt.DTypeLike) -> str:
@@ -300,6 +303,39 @@ def encode_response(response: InferResponse) -> bytes:
             "model_version": response.model_version,
             "outputs": [t.to_wire() for t in response.outputs],
             "timing": dict(response.timing),
+        },
+        use_bin_type=True,
+    )
+
+
+def encode_outputs(
+    request_id: str,
+    model_name: str,
+    model_version: str,
+    outputs: Mapping[str, npt.NDArray[Any]],
+    timing: Mapping[str, float],
+) -> bytes:
+    """Encode a successful reply straight from output arrays: the bytes `encode_response` gives, cheaper.
+
+    The worker's reply path: no Tensor or InferResponse objects per reply. Arrays already in a wire
+    dtype and C order are packed as they are; anything else goes through `Tensor.from_numpy`.
+    """
+    wire = []
+    for name, array in outputs.items():
+        datatype = _WIRE_NAME.get(array.dtype)
+        if datatype is None or not array.flags.c_contiguous:
+            wire.append(Tensor.from_numpy(name, array).to_wire())
+        else:
+            wire.append(
+                {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.tobytes()}
+            )
+    return msgpack.packb(
+        {
+            "id": request_id,
+            "model_name": model_name,
+            "model_version": model_version,
+            "outputs": wire,
+            "timing": dict(timing),
         },
         use_bin_type=True,
     )

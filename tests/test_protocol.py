@@ -35,6 +35,7 @@ from jetinfer.protocol import (
     decode_reply,
     decode_request,
     encode_error,
+    encode_outputs,
     encode_request,
     encode_response,
     request_headers,
@@ -234,6 +235,30 @@ def test_success_reply_round_trips() -> None:
     np.testing.assert_array_equal(decoded.output("top"), labels)
     with pytest.raises(KeyError, match="no output named 'missing'"):
         decoded.output("missing")
+
+
+@pytest.mark.parametrize("datatype", sorted(DATATYPES))
+def test_encode_outputs_gives_the_bytes_of_encode_response(datatype: str) -> None:
+    """The worker's fast reply encoder and the general one agree byte for byte, awkward layouts included."""
+    base = np.resize(edge_values(datatype), (2, 3, 4))
+    outputs = {
+        "plain": base,
+        "strided": base[:, ::2, :],  # not C-contiguous
+        "transposed": base.transpose(0, 2, 1),
+        "big_endian": base.astype(base.dtype.newbyteorder(">")),
+        "scalar_frames": base.reshape(-1)[:2],
+    }
+    timing = {"queue_ms": 1.5, "infer_ms": 2.25, "total_ms": 4.0}
+    slow = encode_response(
+        InferResponse(
+            id="req-7",
+            model_name="m",
+            model_version="2",
+            outputs=tuple(Tensor.from_numpy(name, array) for name, array in outputs.items()),
+            timing=timing,
+        )
+    )
+    assert encode_outputs("req-7", "m", "2", outputs, timing) == slow
 
 
 def test_error_reply_round_trips() -> None:

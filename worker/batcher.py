@@ -50,15 +50,19 @@ def _concatenate(requests: list[PreparedRequest]) -> dict[str, npt.NDArray[Any]]
 def make_batches(requests: Iterable[PreparedRequest], max_frames: int) -> list[Batch]:
     """Group valid requests (no error) into batches of at most `max_frames` frames."""
     groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[list[PreparedRequest]]] = {}
+    filled: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}  # frames in each group's last chunk
     for request in requests:
         if request.error is not None:
             continue
-        chunks = groups.setdefault(request.shape_key, [[]])
+        key = request.shape_key
+        chunks = groups.setdefault(key, [[]])
         current = chunks[-1]
-        if current and sum(r.frames for r in current) + request.frames > max_frames:
+        if current and filled[key] + request.frames > max_frames:
             current = []
             chunks.append(current)
+            filled[key] = 0
         current.append(request)
+        filled[key] = filled.get(key, 0) + request.frames
     return [
         Batch(requests=chunk, inputs=_concatenate(chunk)) for chunks in groups.values() for chunk in chunks
     ]

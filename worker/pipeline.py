@@ -30,16 +30,15 @@ import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from prometheus_client import Counter, Histogram
 
 from jetinfer.errors import BackendError, DeadlineExceededError, RequestError
 from jetinfer.protocol import (
     HEADER_CONTENT_TYPE,
     HEADER_MSG_ID,
-    InferResponse,
     Limits,
-    Tensor,
     encode_error,
-    encode_response,
+    encode_outputs,
 )
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
@@ -112,6 +111,9 @@ class ModelServer:
         self._gpu_decoder: GpuJpegDecoder | None = None
         self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
         self.isolated_runs = 0  # single-request re-runs after a failed batch
+        self._inflight = metrics.inflight.labels(model=model)
+        self._queue_wait = metrics.queue_wait.labels(model=model)
+        self._outcomes: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -214,7 +216,7 @@ class ModelServer:
             msgs = [entry.msg for entry in entries]
             for entry in entries:
                 self._held[id(entry.msg)] = entry
-            self._metrics.inflight.labels(model=self.model).set(len(self._held))
+            self._inflight.set(len(self._held))
             try:
                 batches, rejected = await self._prepare(msgs)
             except Exception:  # a bug in preparation must not lose the messages
@@ -292,9 +294,7 @@ class ModelServer:
             self._metrics.batch_size.labels(model=self.model, version=version).observe(batch.frames)
             self._metrics.inference.labels(model=self.model, version=version).observe(infer_s)
             for request in batch.requests:
-                self._metrics.queue_wait.labels(model=self.model).observe(
-                    max(0.0, started - request.enqueued_at)
-                )
+                self._queue_wait.observe(max(0.0, started - request.enqueued_at))
             self.batches_run += 1
             failed = [r for r in results if isinstance(r, RequestError)]
             if failed:
@@ -347,19 +347,19 @@ class ModelServer:
         self, request: PreparedRequest, outputs: dict[str, npt.NDArray[Any]], done: _Done
     ) -> None:
         now = time.time()
-        response = InferResponse(
-            id=request.request_id,
-            model_name=self.model,
-            model_version=done.loaded_version,
-            outputs=tuple(Tensor.from_numpy(name, array) for name, array in outputs.items()),
-            timing={
+        body = encode_outputs(
+            request.request_id,
+            self.model,
+            done.loaded_version,
+            outputs,
+            {
                 "queue_ms": round(max(0.0, done.started_at - request.enqueued_at) * 1000, 3),
                 "infer_ms": round(done.infer_s * 1000, 3),
                 "total_ms": round(max(0.0, now - request.enqueued_at) * 1000, 3),
             },
         )
         try:
-            await self._publish_reply(request, encode_response(response), ok=True)
+            await self._publish_reply(request, body, ok=True)
         except RequestError as exc:
             await self._finish(request, exc, version=done.loaded_version)
             return
@@ -410,14 +410,27 @@ class ModelServer:
         except Exception as exc:
             logger.warning("model %s: %s of %s failed: %s", self.model, action.value, request.request_id, exc)
         self._held.pop(id(msg), None)
-        self._metrics.inflight.labels(model=self.model).set(len(self._held))
+        self._inflight.set(len(self._held))
         if action is AckAction.NAK:
             return
-        status = "ok" if error is None else error.code
-        self._metrics.requests.labels(model=self.model, version=version, status=status).inc()
-        self._metrics.request_duration.labels(model=self.model, version=version, status=status).observe(
-            max(0.0, time.time() - request.enqueued_at)
-        )
+        answered, duration = self._outcome_series(version, "ok" if error is None else error.code)
+        answered.inc()
+        duration.observe(max(0.0, time.time() - request.enqueued_at))
+
+    def _outcome_series(self, version: str, status: str) -> tuple[Counter, Histogram]:
+        """The request counter and duration histogram of (version, status), looked up once each.
+
+        `labels()` costs more than the observation itself; a worker sees few versions and codes.
+        """
+        series = self._outcomes.get((version, status))
+        if series is None:
+            labels = {"model": self.model, "version": version, "status": status}
+            series = (
+                self._metrics.requests.labels(**labels),
+                self._metrics.request_duration.labels(**labels),
+            )
+            self._outcomes[(version, status)] = series
+        return series
 
     async def _to_dlq(self, request: PreparedRequest, error: RequestError) -> None:
         headers = {k: v for k, v in (request.msg.headers or {}).items() if k != HEADER_MSG_ID}
