@@ -56,6 +56,8 @@ def test_booleans_paths_and_optional_values_from_environment(tmp_path: Path) -> 
         ({"JETINFER_NATS_CREDS_FILE": "/nonexistent/user.creds"}, "nats_creds_file"),
         ({"JETINFER_GRACE_PERIOD_S": "0"}, "grace_period_s"),
         ({"JETINFER_NAK_DELAYS_MS": "-5"}, "nak_delays_ms"),
+        ({"JETINFER_PARALLEL_BATCHES": "17"}, "parallel_batches"),
+        ({"JETINFER_PARALLEL_BATCHES": "2", "JETINFER_GPU_DECODE": "1"}, "parallel_batches"),
     ],
 )
 def test_invalid_values_name_the_setting(environ: dict[str, str], setting: str) -> None:

@@ -1,8 +1,9 @@
 """`jetinfer engine-bench`: time a model called directly, with no NATS in the way.
 
 The same backend the worker loads, on preprocessed inputs of the model's own shapes, at the batch
-sizes given. `jetinfer bench --engine-only` runs this in a subprocess (as the worker runs in one)
-and compares it with the end-to-end figures of the same run.
+sizes given, with as many batches at once as the worker would run (`batch_slots`: two for
+onnxruntime on the CPU, one on a GPU). `jetinfer bench --engine-only` runs this in a subprocess (as
+the worker runs in one) and compares it with the end-to-end figures of the same run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,48 @@ from worker.backends.base import load_backend
 __all__ = ["engine_bench", "register"]
 
 
+def _time_calls(
+    backend: Any, inputs: dict[str, Any], duration_s: float, slots: int
+) -> tuple[list[float], float]:
+    """Call `infer` from `slots` threads for `duration_s`; every call's latency, and the elapsed time."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    started = time.perf_counter()
+
+    def loop() -> None:
+        mine: list[float] = []
+        while time.perf_counter() - started < duration_s or len(mine) < 5:
+            t0 = time.perf_counter()
+            backend.infer(inputs)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=loop, name=f"engine-bench-{i}") for i in range(slots)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, time.perf_counter() - started
+
+
 def engine_bench(
-    repository: Path, model: str, batches: list[int], *, duration_s: float = 5.0, device: int | None = None
+    repository: Path,
+    model: str,
+    batches: list[int],
+    *,
+    duration_s: float = 5.0,
+    device: int | None = None,
+    parallel_batches: int = 0,
 ) -> list[dict[str, Any]]:
-    """Throughput and latency of the model's newest version at each batch size."""
+    """Throughput and latency of the model's newest version at each batch size.
+
+    Batches run `backend.batch_slots` at a time, as in the worker (`parallel_batches` as its setting).
+    """
     repo = ModelRepository(repository)
     version = repo.load_version(model, repo.candidates(model)[0])
-    backend = load_backend(version, device=device)
+    backend = load_backend(version, device=device, parallel_batches=parallel_batches)
+    slots = backend.batch_slots
     rng = np.random.default_rng(0)
     results = []
     too_large = [b for b in batches if b > version.config.max_batch]
@@ -51,13 +88,7 @@ def engine_bench(
             }
             for _ in range(3):
                 backend.infer(inputs)
-            latencies: list[float] = []
-            started = time.perf_counter()
-            while time.perf_counter() - started < duration_s or len(latencies) < 5:
-                t0 = time.perf_counter()
-                backend.infer(inputs)
-                latencies.append(time.perf_counter() - t0)
-            elapsed = time.perf_counter() - started
+            latencies, elapsed = _time_calls(backend, inputs, duration_s, slots)
             results.append(
                 {
                     "batch": batch,
@@ -65,6 +96,7 @@ def engine_bench(
                     "latency_ms_p50": statistics.median(latencies) * 1000,
                     "latency_ms_mean": statistics.fmean(latencies) * 1000,
                     "calls": len(latencies),
+                    "batches_at_once": slots,
                     "backend": version.backend,
                     "version": version.version,
                 }
@@ -93,6 +125,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--duration-s", type=float, default=5.0, help="seconds to time each batch size")
     parser.add_argument("--device", type=int, default=None, help="GPU index for GPU backends")
+    parser.add_argument(
+        "--parallel-batches",
+        type=int,
+        default=0,
+        help="batches run at once where the backend can, as the worker's setting (0: the backend's choice)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (one list) instead of a table")
     parser.set_defaults(handler=_command)
 
@@ -103,13 +141,21 @@ def _command(args: argparse.Namespace) -> int:
         config = ModelRepository(args.repository).config(args.model)
         batches = sorted({1, config.max_batch})
     results = engine_bench(
-        args.repository, args.model, batches, duration_s=args.duration_s, device=args.device
+        args.repository,
+        args.model,
+        batches,
+        duration_s=args.duration_s,
+        device=args.device,
+        parallel_batches=args.parallel_batches,
     )
     if args.json:
         json.dump(results, sys.stdout)
         print()
         return 0
-    print(f"{'batch':>6} {'frames/s':>10} {'p50 ms':>9}")
+    print(f"{'batch':>6} {'at once':>8} {'frames/s':>10} {'p50 ms':>9}")
     for row in results:
-        print(f"{row['batch']:>6} {row['frames_per_s']:>10.1f} {row['latency_ms_p50']:>9.2f}")
+        print(
+            f"{row['batch']:>6} {row['batches_at_once']:>8} {row['frames_per_s']:>10.1f} "
+            f"{row['latency_ms_p50']:>9.2f}"
+        )
     return 0

@@ -3,7 +3,8 @@
 ::
 
     PullConsumer ─▶ fetch stage (decode + validate + batch, in the decode pool)
-                     ─▶ batch queue (bounded: pipeline_depth) ─▶ infer stage (one inference thread)
+                     ─▶ batch queue (bounded: pipeline_depth) ─▶ infer stage (one inference thread
+                        per batch slot: one on a GPU, two by default for onnxruntime on the CPU)
                      ─▶ reply queue (bounded) ─▶ reply stage (publish replies, then ack)
 
 Fetching and decoding batch N+1 overlaps inference of batch N, and replies of batch N are
@@ -98,13 +99,18 @@ class ModelServer:
         self._slot = slot
         self._metrics = metrics
         self._decode_pool = decode_pool
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
+        self._infer_pool: ThreadPoolExecutor | None = None  # one thread per batch slot, made at start
+        self.batch_slots = 1
         self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
         self._room = asyncio.Event()  # set when the infer stage takes a batch: room to form the next
         self._done: asyncio.Queue[_Done | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
         self._held: dict[int, Received] = {}
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._infer_tasks: list[asyncio.Task[None]] = []
+        self._reply_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._infer_running = 0
         self._consumer: PullConsumer | None = None
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
         self.batches_run = 0
@@ -137,18 +143,27 @@ class ModelServer:
             self._gpu_decoder = await asyncio.to_thread(
                 GpuJpegDecoder, current.config.preprocess, device=self._settings.device
             )
+        if self._gpu_decoder is None:
+            # Decided once: a later version with fewer slots serialises on its own lock.
+            self.batch_slots = current.backend.batch_slots if current is not None else 1
+        self._infer_pool = ThreadPoolExecutor(
+            max_workers=self.batch_slots, thread_name_prefix=f"infer-{self.model}"
+        )
         await self._consumer.start()
-        self._tasks = [
-            asyncio.create_task(self._fetch_stage(), name=f"fetch-{self.model}"),
-            asyncio.create_task(self._infer_stage(), name=f"infer-{self.model}"),
-            asyncio.create_task(self._reply_stage(), name=f"reply-{self.model}"),
-            asyncio.create_task(self._progress_watchdog(), name=f"progress-{self.model}"),
+        self._infer_running = self.batch_slots
+        self._fetch_task = asyncio.create_task(self._fetch_stage(), name=f"fetch-{self.model}")
+        self._infer_tasks = [
+            asyncio.create_task(self._infer_stage(), name=f"infer-{self.model}-{i}")
+            for i in range(self.batch_slots)
         ]
+        self._reply_task = asyncio.create_task(self._reply_stage(), name=f"reply-{self.model}")
+        self._watchdog_task = asyncio.create_task(self._progress_watchdog(), name=f"progress-{self.model}")
         logger.info(
-            "model %s: serving from consumer %s (max_batch=%d)",
+            "model %s: serving from consumer %s (max_batch=%d, batches at once=%d)",
             self.model,
             consumer_name(self.model),
             self.max_batch,
+            self.batch_slots,
         )
 
     async def on_reconnect(self) -> None:
@@ -230,7 +245,8 @@ class ModelServer:
                     await self._release_unstarted(batch.requests)
                     continue
                 await self._batches.put(batch)
-        await self._batches.put(_STOP)
+        for _ in range(self.batch_slots):  # one end marker per infer task
+            await self._batches.put(_STOP)
 
     # -- infer stage -------------------------------------------------------------------------------
 
@@ -251,6 +267,7 @@ class ModelServer:
     async def _run_batch(self, loaded: LoadedModel, batch: Batch) -> list[Outputs | RequestError]:
         """Run `batch`; if it fails and holds several requests, split it until only the bad ones fail."""
         loop = asyncio.get_running_loop()
+        assert self._infer_pool is not None, "start() makes the pool"
         try:
             raw = await loop.run_in_executor(self._infer_pool, self._run, loaded, batch)
             return list(split_outputs(batch, raw))
@@ -307,7 +324,9 @@ class ModelServer:
                     failed[0],
                 )
             await self._done.put(_Done(batch, version, started, infer_s, results))
-        await self._done.put(_STOP)
+        self._infer_running -= 1
+        if self._infer_running == 0:  # the last infer task to end tells the reply stage
+            await self._done.put(_STOP)
 
     async def _drop_expired(self, batch: Batch) -> Batch | None:
         now = time.time()
@@ -495,29 +514,32 @@ class ModelServer:
         if self._consumer is not None:
             unstarted = await self._consumer.stop()
             await asyncio.gather(*(self._nak(m, 0.0) for m in unstarted))
-        fetch, infer, reply, watchdog = self._tasks
+        if self._fetch_task is None or self._reply_task is None or self._watchdog_task is None:
+            return  # never started
+        stages = [self._fetch_task, *self._infer_tasks, self._reply_task]
         # Batches waiting for the engine never started: give them back at once. The fetch stage's end
-        # marker may be among them already: put it back, or the infer stage would wait for it forever.
-        fetch_ended = False
+        # markers may be among them already: put them back, or an infer task would wait forever.
+        markers = 0
         while not self._batches.empty():
             queued = self._batches.get_nowait()
             if queued is None:
-                fetch_ended = True
+                markers += 1
             else:
                 await self._release_unstarted(queued.requests)
-        if fetch_ended:
+        for _ in range(markers):
             self._batches.put_nowait(_STOP)
         try:
-            await asyncio.wait_for(asyncio.gather(fetch, infer, reply), grace_s)
+            await asyncio.wait_for(asyncio.gather(*stages), grace_s)
         except TimeoutError:
             logger.warning(
                 "model %s: in-flight work did not finish within %.1f s; cancelling", self.model, grace_s
             )
-            for task in (fetch, infer, reply):
+            for task in stages:
                 task.cancel()
-            await asyncio.gather(fetch, infer, reply, return_exceptions=True)
+            await asyncio.gather(*stages, return_exceptions=True)
             held = [entry.msg for entry in self._held.values()]
             await asyncio.gather(*(self._nak(m, 0.0) for m in held))
-        watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._watchdog_task.cancel()
+        await asyncio.gather(self._watchdog_task, return_exceptions=True)
+        if self._infer_pool is not None:
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)

@@ -114,8 +114,10 @@ class ModelSlot:
         *,
         metrics: WorkerMetrics,
         device: int | None = None,
+        parallel_batches: int = 0,
     ) -> None:
         self.repository = ModelRepository(repository)
+        self.parallel_batches = parallel_batches
         self.repository.model_dir(model)  # refuses names that are not plain model names
         self.model = model
         self.metrics = metrics
@@ -174,7 +176,7 @@ class ModelSlot:
 
     def _load(self, version: int) -> LoadedModel:
         loaded_version = self.repository.load_version(self.model, version)
-        backend = load_backend(loaded_version, device=self.device)
+        backend = load_backend(loaded_version, device=self.device, parallel_batches=self.parallel_batches)
         try:
             if loaded_version.config.warmup:
                 backend.warmup()

@@ -64,7 +64,13 @@ class Worker:
                 "first version) or export one with `jetinfer export-demo`",
             )
         self.slots = {
-            m: ModelSlot(m, settings.repository, metrics=self.metrics, device=settings.device)
+            m: ModelSlot(
+                m,
+                settings.repository,
+                metrics=self.metrics,
+                device=settings.device,
+                parallel_batches=settings.parallel_batches,
+            )
             for m in self.models
         }
         self.servers: dict[str, ModelServer] = {}

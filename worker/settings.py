@@ -34,6 +34,11 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     pipeline_depth: int = setting(
         1, "prepared batches waiting for the engine (fetch/decode of the next overlaps inference)"
     )
+    parallel_batches: int = setting(
+        0,
+        "batches run at once where the backend can (onnxruntime on the CPU shares the cores among them); "
+        "0: the backend's choice (2 there, 1 for GPU backends, which run one batch at a time)",
+    )
     fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
     decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")
     nak_delays_ms: list[int] = setting(
@@ -66,6 +71,12 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         require(0 <= self.max_batch <= 4096, "max_batch", "must be 0..4096")
         require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", "must be 0..10000")
         require(1 <= self.pipeline_depth <= 16, "pipeline_depth", "must be 1..16")
+        require(0 <= self.parallel_batches <= 16, "parallel_batches", "must be 0..16")
+        require(
+            not (self.gpu_decode and self.parallel_batches > 1),
+            "parallel_batches",
+            "--gpu-decode runs one batch at a time on the GPU; leave parallel_batches at 0 or 1",
+        )
         require(1 <= self.fetch_batches <= 64, "fetch_batches", "must be 1..64")
         require(0 <= self.decode_workers <= 256, "decode_workers", "must be 0..256")
         require(

@@ -1,8 +1,9 @@
 """The backend interface: load a repository version, describe it, run batches, close.
 
-A backend's `infer` is called from a worker thread (never on the event loop), one batch at a time
-per backend instance. Errors from the library are translated where it is called:
-`raise BackendError(...) from exc` for failures at run time, `ModelLoadError` at load time.
+A backend's `infer` is called from worker threads (never on the event loop): up to `batch_slots`
+batches at once per backend instance (one, unless the backend says it runs several in parallel).
+Errors from the library are translated where it is called: `raise BackendError(...) from exc` for
+failures at run time, `ModelLoadError` at load time.
 """
 
 from __future__ import annotations
@@ -33,10 +34,18 @@ class Backend(abc.ABC):
 
     name: str = "backend"
 
-    def __init__(self, version: ModelVersion, *, device: int | None = None) -> None:
+    def __init__(
+        self, version: ModelVersion, *, device: int | None = None, parallel_batches: int = 0
+    ) -> None:
         self.version = version
         self.device = device
+        self.parallel_batches = parallel_batches  # what the worker asked for (0: the backend's choice)
         self._closed = False
+
+    @property
+    def batch_slots(self) -> int:
+        """How many batches `infer` may run at once. GPU backends run one at a time on their stream."""
+        return 1
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -107,11 +116,15 @@ def _np_dtype(spec: TensorSpec) -> np.dtype[Any]:
     return DATATYPES[spec.datatype]
 
 
-def load_backend(version: ModelVersion, *, device: int | None = None) -> Backend:
-    """Load `version` with the backend its manifest names."""
+def load_backend(version: ModelVersion, *, device: int | None = None, parallel_batches: int = 0) -> Backend:
+    """Load `version` with the backend its manifest names.
+
+    `parallel_batches` is how many batches the worker would run at once (0: the backend's choice);
+    backends that can (onnxruntime on the CPU) share the cores among them, the others ignore it.
+    """
     module_name = BACKEND_MODULES.get(version.backend)
     if module_name is None:
         raise ModelLoadError(f"{version.path}: unknown backend {version.backend!r}")
     module = importlib.import_module(module_name)
     backend_cls: type[Backend] = module.BACKEND
-    return backend_cls(version, device=device)
+    return backend_cls(version, device=device, parallel_batches=parallel_batches)

@@ -212,9 +212,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(
-        self, version: ModelVersion, *, device: int | None = None, cuda_graphs: bool | None = None
+        self,
+        version: ModelVersion,
+        *,
+        device: int | None = None,
+        cuda_graphs: bool | None = None,
+        parallel_batches: int = 0,
     ) -> None:
-        super().__init__(version, device=device)
+        super().__init__(version, device=device, parallel_batches=parallel_batches)
         self._gpu = _gpu_index(device)
         self._use_graphs = cuda.env_flag("cuda_graphs", True) if cuda_graphs is None else cuda_graphs
         self._lock = threading.Lock()

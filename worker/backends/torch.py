@@ -110,8 +110,9 @@ class TorchBackend(Backend):
         fp16: bool | None = None,
         cuda_graphs: bool | None = None,
         channels_last: bool | None = None,
+        parallel_batches: int = 0,
     ) -> None:
-        super().__init__(version, device=device)
+        super().__init__(version, device=device, parallel_batches=parallel_batches)
         self._lock = threading.Lock()
         self._torch: Any = None
         self._module: Any = None
