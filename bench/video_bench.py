@@ -89,7 +89,7 @@ async def main() -> None:
     clip = args.out / "clip.avi"
     make_clip(clip, args.frames)
     engine = await asyncio.to_thread(_engine_only, args.repository, MODEL, [32], 10.0)
-    engine_fps = engine[0]["frames_per_s"]
+    engine_fps = max(row["frames_per_s"] for row in engine)  # the best engine configuration
     rows: list[str] = []
     async with embedded_stack(args.repository, MODEL, bare=False, worker_args=[]) as (url, metrics_urls):
         out = args.out / "full.jsonl"

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ __all__ = ["ModelServer"]
 logger = logging.getLogger(__name__)
 
 _STOP = None
+_DURABLE_BATCHES = 4  # batches of durable (results.>) replies waiting for PubAcks at once
 
 
 Outputs = dict[str, npt.NDArray[Any]]
@@ -346,6 +348,9 @@ class ModelServer:
     # -- reply stage -------------------------------------------------------------------------------
 
     async def _reply_stage(self) -> None:
+        # Durable replies wait for their PubAcks; up to this many batches of them at once, so waiting on
+        # the stream never holds up the engine (the infer stage would block on a full reply queue).
+        durable: set[asyncio.Task[None]] = set()
         while True:
             done = await self._done.get()
             if done is None:
@@ -357,10 +362,23 @@ class ModelServer:
                 else:
                     pending.append(self._reply_ok(request, result, done))
             if any(r.reply_to and r.reply_to.startswith("results.") for r in done.batch.requests):
-                await asyncio.gather(*pending)  # durable replies wait for their PubAcks: in parallel
+                task = asyncio.create_task(self._reply_durable(pending))
+                durable.add(task)
+                task.add_done_callback(durable.discard)
+                while len(durable) >= _DURABLE_BATCHES:
+                    await asyncio.wait(durable, return_when=asyncio.FIRST_COMPLETED)
             else:
                 for step in pending:  # inbox replies only fill the write buffer: no task per reply
                     await step
+        if durable:
+            await asyncio.wait(durable)
+
+    async def _reply_durable(self, pending: list[Coroutine[Any, Any, None]]) -> None:
+        """A batch's durable replies, their PubAcks awaited in parallel."""
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                logger.error("model %s: answering a request failed: %r", self.model, outcome)
 
     async def _reply_ok(
         self, request: PreparedRequest, outputs: dict[str, npt.NDArray[Any]], done: _Done
