@@ -36,6 +36,7 @@ from prometheus_client import Counter, Histogram
 
 from jetinfer.errors import BackendError, DeadlineExceededError, RequestError
 from jetinfer.protocol import (
+    CONTENT_TYPE_JPEG,
     HEADER_CONTENT_TYPE,
     HEADER_MSG_ID,
     Limits,
@@ -57,6 +58,7 @@ __all__ = ["ModelServer"]
 logger = logging.getLogger(__name__)
 
 _STOP = None
+_INLINE_PREPARE_BYTES = 1 << 20  # tensor bytes a batch may hold and still be prepared on the event loop
 _DURABLE_BATCHES = 4  # batches of durable (results.>) replies waiting for PubAcks at once
 
 
@@ -188,10 +190,20 @@ class ModelServer:
         assert current is not None
         config, max_batch = current.config, self.max_batch
         threads = self._settings.decode_threads
-        images = sum(
-            1 for m in msgs if m.headers and m.headers.get(HEADER_CONTENT_TYPE, "").startswith("image/")
-        )
-        if images >= 2 and threads > 1:
+        gpu_jpeg = self._gpu_decoder is not None
+        cpu_images = 0
+        tensor_bytes = 0
+        for m in msgs:
+            content_type = m.headers.get(HEADER_CONTENT_TYPE, "") if m.headers else ""
+            if not content_type.startswith("image/"):
+                tensor_bytes += len(m.data)
+            elif not (gpu_jpeg and content_type.startswith(CONTENT_TYPE_JPEG)):
+                cpu_images += 1
+        if cpu_images == 0 and tensor_bytes <= _INLINE_PREPARE_BYTES:
+            # Nothing to decode, little to copy: checks and msgpack parsing are pure Python, which holds
+            # the GIL in a pool thread just the same, and the two thread hops cost more than the work.
+            return self._prepare_and_batch(msgs, config, max_batch)
+        if cpu_images >= 2 and threads > 1:
             size = -(-len(msgs) // min(threads, len(msgs)))
             chunks = [msgs[i : i + size] for i in range(0, len(msgs), size)]
             parts = await asyncio.gather(
