@@ -7,7 +7,8 @@
 # 1..256, then end to end through an embedded nats-server and the worker, and prints a table last.
 # Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
 # SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again); QUICK=1 skips the runs
-# already measured (4 CPU-decoding workers, 8-frame tensors).
+# already measured (CPU-decoding workers, 8-frame tensors). GPU_WORKERS="1 2 4" sets the --gpu-decode
+# worker counts; CLIENTS and CONCURRENCY the load (default 4 processes, 512 in flight).
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/jetinfer-gpu}}
 mkdir -p "$OUT"
@@ -47,16 +48,19 @@ $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --mod
     --worker-arg=--lag-poll-s=1 > /dev/null
 
 step "end-to-end throughput, JPEG requests decoded on CPU threads (1 and 4 workers) or on the GPU (1 and 2)"
-jpeg() {  # name workers extra-worker-args...
+jpeg() {  # name workers extra-bench-args...
     local name=$1 workers=$2; shift 2
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
-        --concurrency 512 --clients 4 --workers "$workers" --duration-s 6 --warmup-s 3 --no-progress \
-        --json "$OUT/e2e-resnet50-$name.json" --worker-arg=--lag-poll-s=1 "$@" > /dev/null
+        --concurrency "${CONCURRENCY:-512}" --clients "${CLIENTS:-4}" --workers "$workers" --duration-s 6 \
+        --warmup-s 3 --no-progress --json "$OUT/e2e-resnet50-$name.json" --worker-arg=--lag-poll-s=1 "$@" \
+        > /dev/null || echo "run $name failed" >&2
 }
-jpeg jpeg-w1 1
+[ "${QUICK:-0}" = 1 ] || jpeg jpeg-w1 1
 [ "${QUICK:-0}" = 1 ] || jpeg jpeg-w4 4
-jpeg jpeg-gpu-w1 1 --worker-arg=--gpu-decode
-jpeg jpeg-gpu-w2 2 --worker-arg=--gpu-decode
+# GPU_WORKERS: worker processes sharing the GPU with --gpu-decode, one run per count.
+for workers in ${GPU_WORKERS:-1 2}; do
+    jpeg "jpeg-gpu-w$workers" "$workers" --worker-arg=--gpu-decode
+done
 
 step end-to-end idle latency, one JPEG at a time, decoded on the GPU
 $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
