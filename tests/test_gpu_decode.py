@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from jetinfer.errors import ModelLoadError
 from jetinfer.repository import PreprocessConfig
 from tests.conftest import NatsUnderTest, running_worker
-from worker.preprocess import preprocess_image
+from worker.preprocess import decode_pixels, preprocess_image
 
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -63,4 +64,109 @@ async def test_gpu_decode_is_refused_at_start_where_it_cannot_work(
     repo, model = model_repo("efficientnet_lite0")
     with pytest.raises(ModelLoadError, match="--gpu-decode needs"):
         async with running_worker(nats_server.url, repo, [model], gpu_decode=True):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_gpu_normalise_matches_the_cpu_path(cat_jpeg: bytes, layout: str) -> None:
+    """`--gpu-normalise`: pixels decoded on the CPU, normalised on the GPU, equal the CPU path's output."""
+    try:
+        import torch
+    except ImportError as exc:
+        pytest.skip(f"torch is not installed here ({exc}); --gpu-normalise needs it")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: --gpu-normalise needs one")
+    from worker.gpu_decode import GpuNormaliser
+
+    config = dataclasses.replace(CONFIG, layout=layout)  # type: ignore[arg-type]
+    pixels = np.concatenate([decode_pixels(cat_jpeg, config)] * 3)
+    assert pixels.shape == (3, 224, 224, 3)
+    assert pixels.dtype == np.uint8
+    on_gpu = GpuNormaliser(config).from_pixels(pixels).cpu().numpy()
+    cpu = np.concatenate([preprocess_image(cat_jpeg, config)] * 3)
+    assert on_gpu.shape == cpu.shape
+    np.testing.assert_allclose(on_gpu, cpu, atol=1e-5)
+
+
+def test_images_for_gpu_normalise_are_pixels_in_their_own_batches(cat_jpeg: bytes) -> None:
+    """The CPU half of `--gpu-normalise`: uint8 pixels, one frame, never batched with tensor requests."""
+    from nats.aio.msg import Msg
+
+    from jetinfer.protocol import Limits, request_headers
+    from jetinfer.repository import ModelConfig, TensorSpec
+    from worker.batcher import make_batches
+    from worker.requests import prepare_request
+
+    config = ModelConfig(
+        name="m",
+        max_batch=8,
+        inputs=(TensorSpec("input", "FP32", (3, 224, 224)),),
+        outputs=(TensorSpec("output", "FP32", (1000,)),),
+        preprocess=CONFIG,
+    )
+    ack = "$JS.ACK.INFER.worker-m.1.{0}.{0}.1732490000000000000.0"
+    msgs = [
+        Msg(
+            _client=None,  # type: ignore[arg-type]
+            subject="infer.m",
+            reply=ack.format(i),
+            data=cat_jpeg,
+            headers=request_headers(f"r{i}", "_INBOX.x", content_type="image/jpeg"),
+        )
+        for i in range(3)
+    ]
+    limits = Limits()
+    prepared = [prepare_request(m, config, max_batch=8, limits=limits, gpu_pixels=True) for m in msgs]
+    assert [r.error for r in prepared] == [None, None, None]
+    assert all(r.pixels and r.frames == 1 for r in prepared)
+    assert prepared[0].inputs["input"].shape == (1, 224, 224, 3)
+    plain = prepare_request(msgs[0], config, max_batch=8, limits=limits)
+    assert not plain.pixels
+    assert plain.inputs["input"].shape == (1, 3, 224, 224)
+    batches = make_batches([*prepared, plain], 8)
+    assert sorted((b.pixels, b.frames) for b in batches) == [(False, 1), (True, 3)]
+    assert next(b for b in batches if b.pixels).inputs["input"].shape == (3, 224, 224, 3)
+
+
+def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
+    from nats.aio.msg import Msg
+
+    from jetinfer.protocol import Limits
+    from jetinfer.repository import ModelConfig, TensorSpec
+    from worker.requests import prepare_request
+
+    config = ModelConfig(
+        name="m",
+        max_batch=8,
+        inputs=(TensorSpec("input", "FP32", (3, 224, 224)),),
+        outputs=(TensorSpec("output", "FP32", (1000,)),),
+        preprocess=CONFIG,
+    )
+    msg = Msg(
+        _client=None,  # type: ignore[arg-type]
+        subject="infer.m",
+        reply="$JS.ACK.INFER.worker-m.1.7.7.1732490000000000000.0",
+        data=cat_jpeg,
+        headers={"Content-Type": "image/jpeg", "Jetinfer-Reply-To": "_INBOX.x"},
+    )
+    request = prepare_request(msg, config, max_batch=8, limits=Limits(), gpu_jpeg=True)
+    assert request.request_id == "seq-7"
+    assert request.error is not None
+    assert "Nats-Msg-Id" in request.error.message
+
+
+async def test_gpu_normalise_is_refused_at_start_where_there_is_no_gpu(
+    nats_server: NatsUnderTest, model_repo: Any
+) -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is here: the refusal cannot be shown")
+    except ImportError:
+        pass
+    repo, model = model_repo("efficientnet_lite0")
+    with pytest.raises(ModelLoadError, match="GPU preprocessing needs"):
+        async with running_worker(nats_server.url, repo, [model], gpu_normalise=True):
             pass

@@ -33,6 +33,11 @@ class Batch:
         return [r.encoded for r in self.requests if r.encoded is not None]
 
     @property
+    def pixels(self) -> bool:
+        """Whether the inputs are uint8 pixels for the GPU to normalise (`--gpu-normalise`)."""
+        return bool(self.requests) and self.requests[0].pixels
+
+    @property
     def frames(self) -> int:
         """Frames in the batch (the first dimension of every input)."""
         return sum(r.frames for r in self.requests)

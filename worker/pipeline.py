@@ -46,7 +46,7 @@ from jetinfer.protocol import (
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
 from worker.consumer import AckAction, PullConsumer, Received, decide_ack
-from worker.gpu_decode import GpuJpegDecoder
+from worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
 from worker.metrics import WorkerMetrics
 from worker.reload import LoadedModel, ModelSlot
 from worker.replies import publish_reply
@@ -119,6 +119,7 @@ class ModelServer:
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
         self.batches_run = 0
         self._gpu_decoder: GpuJpegDecoder | None = None
+        self._gpu_normaliser: GpuNormaliser | None = None
         self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
         self.isolated_runs = 0  # single-request re-runs after a failed batch
         self._inflight = metrics.inflight.labels(model=model)
@@ -147,7 +148,11 @@ class ModelServer:
             self._gpu_decoder = await asyncio.to_thread(
                 GpuJpegDecoder, current.config.preprocess, device=self._settings.device
             )
-        if self._gpu_decoder is None:
+        if self._settings.gpu_normalise and current is not None and current.config.preprocess is not None:
+            self._gpu_normaliser = await asyncio.to_thread(
+                GpuNormaliser, current.config.preprocess, device=self._settings.device
+            )
+        if self._gpu_decoder is None and self._gpu_normaliser is None:
             # Decided once: a later version with fewer slots serialises on its own lock.
             self.batch_slots = current.backend.batch_slots if current is not None else 1
         self._infer_pool = ThreadPoolExecutor(
@@ -179,8 +184,11 @@ class ModelServer:
 
     def _prepare_chunk(self, msgs: list[Msg], config: Any, max_batch: int) -> list[PreparedRequest]:
         gpu_jpeg = self._gpu_decoder is not None
+        gpu_pixels = self._gpu_normaliser is not None
         return [
-            prepare_request(m, config, max_batch=max_batch, limits=self._limits, gpu_jpeg=gpu_jpeg)
+            prepare_request(
+                m, config, max_batch=max_batch, limits=self._limits, gpu_jpeg=gpu_jpeg, gpu_pixels=gpu_pixels
+            )
             for m in msgs
         ]
 
@@ -266,6 +274,8 @@ class ModelServer:
 
     def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
         encoded = batch.encoded
+        if batch.pixels:
+            return self._run_pixels(loaded, batch)
         if encoded is None:
             return loaded.backend.infer(batch.inputs)
         preprocess = loaded.config.preprocess
@@ -275,6 +285,18 @@ class ModelServer:
             self._gpu_decoder = GpuJpegDecoder(preprocess, device=self._settings.device)
         images = self._gpu_decoder.decode(encoded)
         if not loaded.backend.accepts_device_tensors:  # e.g. a reload brought an onnxruntime version
+            images = images.cpu().numpy()
+        return loaded.backend.infer({preprocess.input: images})
+
+    def _run_pixels(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
+        preprocess = loaded.config.preprocess
+        if self._gpu_normaliser is None or preprocess is None:
+            raise BackendError("a batch of pixels was left for the GPU, but there is no GPU normaliser")
+        if self._gpu_normaliser.config != preprocess:  # a new version changed its preprocessing
+            self._gpu_normaliser = GpuNormaliser(preprocess, device=self._settings.device)
+        [pixels] = batch.inputs.values()
+        images = self._gpu_normaliser.from_pixels(pixels)
+        if not loaded.backend.accepts_device_tensors:
             images = images.cpu().numpy()
         return loaded.backend.infer({preprocess.input: images})
 

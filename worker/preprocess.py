@@ -18,7 +18,7 @@ from jetinfer.errors import InvalidInputError, TooLargeError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import PreprocessConfig
 
-__all__ = ["MAX_IMAGE_PIXELS", "preprocess_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "decode_pixels", "preprocess_image"]
 
 MAX_IMAGE_PIXELS: Final = 64 * 1024 * 1024
 _RESAMPLE: Final = {
@@ -49,17 +49,14 @@ def _decode(data: bytes, config: PreprocessConfig) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def decode_pixels(data: bytes, config: PreprocessConfig) -> npt.NDArray[np.uint8]:
+    """One encoded image -> (1, H, W, 3) uint8 RGB, cropped and resized; `--gpu-normalise` does the rest."""
+    return _pixels(data, config)[None]
+
+
 def preprocess_image(data: bytes, config: PreprocessConfig) -> npt.NDArray[Any]:
     """One encoded image -> an array of shape (1, C, H, W) or (1, H, W, C) in the config's datatype."""
-    image = _decode(data, config)
-    if config.center_crop < 1.0:
-        width, height = image.size
-        crop_w, crop_h = round(width * config.center_crop), round(height * config.center_crop)
-        left, top = (width - crop_w) // 2, (height - crop_h) // 2
-        image = image.crop((left, top, left + crop_w, top + crop_h))
-    if image.size != (config.width, config.height):
-        image = image.resize((config.width, config.height), _RESAMPLE[config.resize])
-    pixels = np.asarray(image)
+    pixels = _pixels(data, config)
     if config.datatype == "UINT8":
         chosen = pixels.transpose(2, 0, 1) if config.layout == "NCHW" else pixels
         return np.ascontiguousarray(chosen[None])
@@ -71,6 +68,19 @@ def preprocess_image(data: bytes, config: PreprocessConfig) -> npt.NDArray[Any]:
     np.subtract(source, mean, out=out[0])
     np.divide(out[0], std, out=out[0])
     return out if config.datatype == "FP32" else out.astype(DATATYPES[config.datatype])
+
+
+def _pixels(data: bytes, config: PreprocessConfig) -> npt.NDArray[np.uint8]:
+    """Decode, centre-crop and resize: (H, W, 3) uint8 RGB."""
+    image = _decode(data, config)
+    if config.center_crop < 1.0:
+        width, height = image.size
+        crop_w, crop_h = round(width * config.center_crop), round(height * config.center_crop)
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+    if image.size != (config.width, config.height):
+        image = image.resize((config.width, config.height), _RESAMPLE[config.resize])
+    return np.asarray(image)
 
 
 @functools.cache

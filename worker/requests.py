@@ -35,7 +35,7 @@ from jetinfer.protocol import (
 )
 from jetinfer.repository import ModelConfig
 from worker.consumer import delivery_info
-from worker.preprocess import preprocess_image
+from worker.preprocess import decode_pixels, preprocess_image
 
 __all__ = ["PreparedRequest", "check_deadline", "prepare_request"]
 
@@ -57,12 +57,15 @@ class PreparedRequest:
     error: RequestError | None = None
     content_type: str = CONTENT_TYPE_MSGPACK
     encoded: bytes | None = None  # a JPEG left for the GPU to decode (--gpu-decode)
+    pixels: bool = False  # inputs hold (1, H, W, 3) uint8 pixels for the GPU to normalise (--gpu-normalise)
 
     @property
     def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Per-frame shapes; requests with the same key can share a batch."""
         if self.encoded is not None:
             return (("encoded-jpeg", ()),)
+        if self.pixels:
+            return tuple(sorted((f"pixels:{n}", tuple(a.shape[1:])) for n, a in self.inputs.items()))
         return tuple(sorted((name, tuple(arr.shape[1:])) for name, arr in self.inputs.items()))
 
 
@@ -98,11 +101,18 @@ def _validate(inputs: dict[str, npt.NDArray[Any]], config: ModelConfig, max_batc
 
 
 def prepare_request(
-    msg: Msg, config: ModelConfig, *, max_batch: int, limits: Limits, gpu_jpeg: bool = False
+    msg: Msg,
+    config: ModelConfig,
+    *,
+    max_batch: int,
+    limits: Limits,
+    gpu_jpeg: bool = False,
+    gpu_pixels: bool = False,
 ) -> PreparedRequest:
     """Decode and validate one message for `config`. Never raises; errors are set on the result.
 
     With `gpu_jpeg`, a JPEG request is checked for size only and left encoded for the GPU decoder.
+    With `gpu_pixels`, an image is decoded to uint8 pixels here and normalised on the GPU later.
     """
     headers = msg.headers or {}
     deliveries, enqueued_at = delivery_info(msg)
@@ -111,6 +121,7 @@ def prepare_request(
     request = PreparedRequest(
         msg=msg, request_id=request_id, reply_to=reply_to, deliveries=deliveries, enqueued_at=enqueued_at
     )
+    inputs: dict[str, npt.NDArray[Any]] = {}
     try:
         if reply_to is not None and (len(reply_to) > 256 or not _REPLY_SUBJECT.fullmatch(reply_to)):
             request.reply_to = None
@@ -134,8 +145,12 @@ def prepare_request(
             if gpu_jpeg and content_type == CONTENT_TYPE_JPEG and msg.data[:3] == b"\xff\xd8\xff":
                 request.encoded = bytes(msg.data)
                 request.frames = 1
-                return request
-            inputs = {config.preprocess.input: preprocess_image(msg.data, config.preprocess)}
+            elif gpu_pixels:
+                request.inputs = {config.preprocess.input: decode_pixels(msg.data, config.preprocess)}
+                request.pixels = True
+                request.frames = 1
+            else:
+                inputs = {config.preprocess.input: preprocess_image(msg.data, config.preprocess)}
         elif content_type == CONTENT_TYPE_MSGPACK:
             decoded = decode_request(msg.data, limits=limits)
             if decoded.id != request_id and request_id:
@@ -153,8 +168,9 @@ def prepare_request(
             raise InvalidInputError(
                 f"Content-Type {content_type[:64]!r} is not one of application/msgpack, image/jpeg, image/png"
             )
-        request.frames = _validate(inputs, config, max_batch)
-        request.inputs = inputs
+        if request.frames == 0:  # decoded here: validate; pixels and encoded JPEGs are one frame by design
+            request.frames = _validate(inputs, config, max_batch)
+            request.inputs = inputs
     except RequestError as exc:
         request.error = exc
     except Exception as exc:  # never let a malformed request escape as a crash

@@ -8,7 +8,8 @@
 # Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
 # SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again); QUICK=1 skips the runs
 # already measured (CPU-decoding workers, 8-frame tensors). GPU_WORKERS="1 2 4" sets the --gpu-decode
-# worker counts; CLIENTS and CONCURRENCY the load (default 4 processes, 512 in flight).
+# worker counts, NORM_WORKERS="2 4" the --gpu-normalise ones (none by default); CLIENTS and CONCURRENCY
+# the load (default 4 processes, 512 in flight).
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/jetinfer-gpu}}
 mkdir -p "$OUT"
@@ -60,6 +61,10 @@ jpeg() {  # name workers extra-bench-args...
 # GPU_WORKERS: worker processes sharing the GPU with --gpu-decode, one run per count.
 for workers in ${GPU_WORKERS:-1 2}; do
     jpeg "jpeg-gpu-w$workers" "$workers" --worker-arg=--gpu-decode
+done
+# NORM_WORKERS: worker processes with --gpu-normalise (JPEGs decoded on CPU threads, normalised on the GPU).
+for workers in ${NORM_WORKERS:-}; do
+    jpeg "jpeg-norm-w$workers" "$workers" --worker-arg=--gpu-normalise
 done
 
 step end-to-end idle latency, one JPEG at a time, decoded on the GPU
