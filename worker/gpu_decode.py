@@ -64,7 +64,9 @@ class GpuNormaliser:
         torch = self._torch
         try:
             with torch.cuda.device(self.device), torch.inference_mode():
-                on_gpu = torch.from_numpy(pixels).to(self.device, non_blocking=False)
+                # Pillow's arrays are read-only, and a one-image batch is one of them: torch warns on those.
+                host = pixels if pixels.flags.writeable else pixels.copy()
+                on_gpu = torch.from_numpy(host).to(self.device, non_blocking=False)
                 batch = self.normalise(on_gpu.permute(0, 3, 1, 2))
                 torch.cuda.current_stream(self.device).synchronize()
                 return batch
