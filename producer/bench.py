@@ -323,11 +323,11 @@ def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Pay
 
 
 def _engine_only(repository: Path, model: str, batches: list[int], duration_s: float) -> list[dict[str, Any]]:
-    """Engine-only rows as the worker runs the model; where it runs several batches at once, also one at a
-    time, so the ratios divide by the engine's best configuration, not by the worker's own choice."""
-    rows = _engine_bench_rows(repository, model, batches, duration_s, parallel_batches=0)
-    if any(row.get("batches_at_once", 1) > 1 for row in rows):
-        rows += _engine_bench_rows(repository, model, batches, duration_s, parallel_batches=1)
+    """Engine-only rows one batch at a time and, for onnxruntime (which can), two at once: the ratios
+    divide by the engine's best configuration, whichever the worker runs (`--parallel-batches`)."""
+    rows = _engine_bench_rows(repository, model, batches, duration_s, parallel_batches=1)
+    if any(row.get("backend") == "onnxruntime" for row in rows):
+        rows += _engine_bench_rows(repository, model, batches, duration_s, parallel_batches=2)
     return rows
 
 

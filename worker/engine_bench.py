@@ -1,9 +1,10 @@
 """`jetinfer engine-bench`: time a model called directly, with no NATS in the way.
 
 The same backend the worker loads, on preprocessed inputs of the model's own shapes, at the batch
-sizes given, with as many batches at once as the worker would run (`batch_slots`: two for
-onnxruntime on the CPU, one on a GPU). `jetinfer bench --engine-only` runs this in a subprocess (as
-the worker runs in one) and compares it with the end-to-end figures of the same run.
+sizes given, with as many batches at once as the worker would run (`batch_slots`: the worker's
+--parallel-batches for onnxruntime on the CPU, one on a GPU). `jetinfer bench --engine-only` runs
+this in a subprocess (as the worker runs in one) and compares it with the end-to-end figures of the
+same run.
 """
 
 from __future__ import annotations

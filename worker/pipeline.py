@@ -4,7 +4,7 @@
 
     PullConsumer ─▶ fetch stage (decode + validate + batch, in the decode pool)
                      ─▶ batch queue (bounded: pipeline_depth) ─▶ infer stage (one inference thread
-                        per batch slot: one on a GPU, two by default for onnxruntime on the CPU)
+                        per batch slot: one on a GPU; --parallel-batches for onnxruntime on the CPU)
                      ─▶ reply queue (bounded) ─▶ reply stage (publish replies, then ack)
 
 Fetching and decoding batch N+1 overlaps inference of batch N, and replies of batch N are

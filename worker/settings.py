@@ -36,8 +36,9 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     )
     parallel_batches: int = setting(
         0,
-        "batches run at once where the backend can (onnxruntime on the CPU shares the cores among them); "
-        "0: the backend's choice (2 there, 1 for GPU backends, which run one batch at a time)",
+        "batches run at once where the backend can: onnxruntime on the CPU shares the cores among them "
+        "(2: more throughput under load, a lone request on half the cores); GPU backends run one at a "
+        "time; 0: the backend's choice (1)",
     )
     fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
     decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")

@@ -20,9 +20,10 @@ __all__ = ["BACKEND", "OnnxRuntimeBackend"]
 logger = logging.getLogger(__name__)
 
 _PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-#: Batches run at once on the CPU unless the worker says otherwise (measured on 2 cores: end to end
-#: 178 -> 189 img/s for EfficientNet-Lite0, engine-only unchanged: 204 vs 207).
-_DEFAULT_CPU_SLOTS = 2
+#: Batches run at once on the CPU unless the worker says otherwise. Two (each on half the cores) gave
+#: EfficientNet-Lite0 end to end 178 -> 189 img/s under load on 2 cores, but a lone request then runs on
+#: one core (idle p50 8.6 -> 12.4 ms): latency first by default, `--parallel-batches 2` for throughput.
+_DEFAULT_CPU_SLOTS = 1
 
 
 class OnnxRuntimeBackend(Backend):
@@ -112,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def batch_slots(self) -> int:
-        """Batches run at once: on the CPU `parallel_batches` (default 2), each with a share of the cores."""
+        """Batches run at once: on the CPU `parallel_batches` (default 1), each with a share of the cores."""
         return self._slots
 
     def close(self) -> None:
