@@ -25,6 +25,8 @@ import numpy as np
 from producer.bench import _engine_only, embedded_stack, scrape_worker_metrics
 
 MODEL = "efficientnet_lite0"
+#: A worker deployed for batch jobs: throughput before a lone request's latency (two batches at once).
+WORKER_ARGS = ["--parallel-batches=2"]
 
 
 def make_clip(path: Path, frames: int) -> None:
@@ -91,7 +93,10 @@ async def main() -> None:
     engine = await asyncio.to_thread(_engine_only, args.repository, MODEL, [32], 10.0)
     engine_fps = max(row["frames_per_s"] for row in engine)  # the best engine configuration
     rows: list[str] = []
-    async with embedded_stack(args.repository, MODEL, bare=False, worker_args=[]) as (url, metrics_urls):
+    async with embedded_stack(args.repository, MODEL, bare=False, worker_args=WORKER_ARGS) as (
+        url,
+        metrics_urls,
+    ):
         out = args.out / "full.jsonl"
         started = time.perf_counter()
         full = await asyncio.to_thread(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 from pathlib import Path
@@ -170,3 +171,39 @@ async def test_gpu_normalise_is_refused_at_start_where_there_is_no_gpu(
     with pytest.raises(ModelLoadError, match="GPU preprocessing needs"):
         async with running_worker(nats_server.url, repo, [model], gpu_normalise=True):
             pass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["gpu_decode", "gpu_normalise"])
+async def test_a_worker_preprocessing_on_the_gpu_classifies_the_cat_and_isolates_a_bad_jpeg(
+    nats_server: NatsUnderTest, cat_jpeg: bytes, tmp_path: Path, mode: str
+) -> None:
+    """The whole path on a GPU: batches decoded ahead on their own stream, a torch fp16 EfficientNet-Lite0,
+    one corrupt JPEG among 40 good ones answered `invalid_input` while the others get the cat."""
+    _gpu_decoder_or_skip()
+    from jetinfer.errors import InvalidInputError
+    from producer.client import Client
+    from tests.conftest import CAT_CLASSES, run_cli
+
+    repo = tmp_path / "repo"
+    built = run_cli("build", "efficientnet_lite0", "--backend", "torch", "--fp16", "--repository", str(repo))
+    if built.returncode != 0:
+        pytest.skip(f"cannot build the torch EfficientNet-Lite0 here: {built.stderr[-300:]}")
+    corrupt = cat_jpeg[:600] + bytes(range(256)) * 8  # a JPEG header, then garbage
+    async with (
+        running_worker(nats_server.url, repo, ["efficientnet_lite0"], **{mode: True}) as worker,
+        Client(nats_server.url) as client,
+    ):
+        results = await asyncio.gather(
+            *(client.infer("efficientnet_lite0", cat_jpeg, timeout=60) for _ in range(20)),
+            client.infer("efficientnet_lite0", corrupt, timeout=60),
+            *(client.infer("efficientnet_lite0", cat_jpeg, timeout=60) for _ in range(20)),
+            return_exceptions=True,
+        )
+        batches = worker.servers["efficientnet_lite0"].batches_run
+    bad = results.pop(20)
+    assert isinstance(bad, InvalidInputError), bad
+    for reply in results:
+        assert not isinstance(reply, BaseException), reply
+        assert int(reply.output()[0].argmax()) in CAT_CLASSES
+    assert batches < 41

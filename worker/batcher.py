@@ -24,6 +24,10 @@ class Batch:
 
     requests: list[PreparedRequest]
     inputs: dict[str, npt.NDArray[Any]]
+    #: The model input already on the GPU (decoded ahead while the previous batch ran), and the
+    #: preprocessing it was made with; None where the infer stage prepares it itself.
+    on_device: Any = None
+    prepared_for: Any = None
 
     @property
     def encoded(self) -> list[bytes] | None:

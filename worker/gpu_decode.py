@@ -43,6 +43,9 @@ class GpuNormaliser:
         self._torch = torch
         self.config = config
         self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
+        # Its own stream: preprocessing the next batch overlaps the model running the current one.
+        cuda: Any = torch.cuda  # torch.cuda.Stream has no annotations
+        self.stream = cuda.Stream(device=self.device)
         self._mean = torch.tensor(config.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
         self._inv_std = 1.0 / torch.tensor(config.std, device=self.device, dtype=torch.float32).view(
             1, 3, 1, 1
@@ -63,7 +66,7 @@ class GpuNormaliser:
         """Host (N, H, W, 3) uint8 pixels -> the model's input on the GPU, ready when this returns."""
         torch = self._torch
         try:
-            with torch.cuda.device(self.device), torch.inference_mode():
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream), torch.inference_mode():
                 # Pillow's arrays are read-only, and a one-image batch is one of them: torch warns on those.
                 host = pixels if pixels.flags.writeable else pixels.copy()
                 on_gpu = torch.from_numpy(host).to(self.device, non_blocking=False)
@@ -99,12 +102,16 @@ class GpuJpegDecoder:
         torch, config = self._torch, self.config
         try:
             data = [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in images]
-            with torch.cuda.device(self.device):
+            with torch.cuda.device(self.device), torch.cuda.stream(self._normaliser.stream):
                 decoded = self._decode_jpeg(data, mode=self._mode, device=self.device)
         except RuntimeError as exc:
             raise InvalidInputError(f"cannot decode a JPEG on the GPU: {exc}") from exc
         try:
-            with torch.cuda.device(self.device), torch.inference_mode():
+            with (
+                torch.cuda.device(self.device),
+                torch.cuda.stream(self._normaliser.stream),
+                torch.inference_mode(),
+            ):
                 frames = []
                 size = (config.height, config.width)
                 for image in decoded:

@@ -120,6 +120,7 @@ class ModelServer:
         self.batches_run = 0
         self._gpu_decoder: GpuJpegDecoder | None = None
         self._gpu_normaliser: GpuNormaliser | None = None
+        self._gpu_prep_pool: ThreadPoolExecutor | None = None  # decodes the next batch on the GPU
         self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
         self.isolated_runs = 0  # single-request re-runs after a failed batch
         self._inflight = metrics.inflight.labels(model=model)
@@ -151,6 +152,10 @@ class ModelServer:
         if self._settings.gpu_normalise and current is not None and current.config.preprocess is not None:
             self._gpu_normaliser = await asyncio.to_thread(
                 GpuNormaliser, current.config.preprocess, device=self._settings.device
+            )
+        if self._gpu_decoder is not None or self._gpu_normaliser is not None:
+            self._gpu_prep_pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"gpu-prep-{self.model}"
             )
         if self._gpu_decoder is None and self._gpu_normaliser is None:
             # Decided once: a later version with fewer slots serialises on its own lock.
@@ -266,19 +271,45 @@ class ModelServer:
                 if self._stopping.is_set():
                     await self._release_unstarted(batch.requests)
                     continue
+                if self._gpu_prep_pool is not None and (batch.encoded is not None or batch.pixels):
+                    # Decode on the GPU now, on its own stream, while the engine runs the batch before.
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._gpu_prep_pool, self._prepare_on_gpu, batch
+                    )
                 await self._batches.put(batch)
         for _ in range(self.batch_slots):  # one end marker per infer task
             await self._batches.put(_STOP)
 
     # -- infer stage -------------------------------------------------------------------------------
 
+    def _prepare_on_gpu(self, batch: Batch) -> None:
+        """Decode (or normalise) `batch` onto the GPU ahead of its run; on failure leave it to `_run`,
+        whose batch splitting finds the request that cannot be decoded."""
+        current = self._slot.current
+        preprocess = current.config.preprocess if current is not None else None
+        decoder, normaliser = self._gpu_decoder, self._gpu_normaliser
+        try:
+            if batch.pixels and normaliser is not None and normaliser.config == preprocess:
+                [pixels] = batch.inputs.values()
+                batch.on_device = normaliser.from_pixels(pixels)
+            elif batch.encoded is not None and decoder is not None and decoder.config == preprocess:
+                batch.on_device = decoder.decode(batch.encoded)
+        except RequestError as exc:
+            logger.debug("model %s: decoding ahead failed (%s); the batch run will split it", self.model, exc)
+        batch.prepared_for = preprocess if batch.on_device is not None else None
+
     def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
+        preprocess = loaded.config.preprocess
+        if batch.on_device is not None and preprocess is not None and batch.prepared_for == preprocess:
+            images = batch.on_device
+            if not loaded.backend.accepts_device_tensors:
+                images = images.cpu().numpy()
+            return loaded.backend.infer({preprocess.input: images})
         encoded = batch.encoded
         if batch.pixels:
             return self._run_pixels(loaded, batch)
         if encoded is None:
             return loaded.backend.infer(batch.inputs)
-        preprocess = loaded.config.preprocess
         if self._gpu_decoder is None or preprocess is None:
             raise BackendError("a JPEG batch was left for the GPU decoder, but there is none")
         if self._gpu_decoder.config != preprocess:  # a new version changed its preprocessing
@@ -593,5 +624,6 @@ class ModelServer:
             await asyncio.gather(*(self._nak(m, 0.0) for m in held))
         self._watchdog_task.cancel()
         await asyncio.gather(self._watchdog_task, return_exceptions=True)
-        if self._infer_pool is not None:
-            self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._infer_pool, self._gpu_prep_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
