@@ -57,10 +57,22 @@ class GpuNormaliser:
         if config.datatype == "UINT8":
             batch = batch if batch.dtype == torch.uint8 else batch.round().clamp(0, 255).to(torch.uint8)
         else:
-            batch = (batch.float() - self._mean) * self._inv_std
+            out = self.empty(batch.shape, torch.float32)
+            out.copy_(batch)
+            batch = out.sub_(self._mean).mul_(self._inv_std)
         if config.layout == "NHWC":
             batch = batch.permute(0, 2, 3, 1).contiguous()
         return batch
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        """An uninitialised tensor of `shape`, cut from one of a power-of-two batch size.
+
+        Batches come in every size from 1 to max_batch; allocating each size exactly leaves torch's
+        caching allocator holding a block per size seen. A handful of bucket sizes keeps it flat.
+        """
+        frames = int(shape[0])
+        bucket = 1 << max(0, frames - 1).bit_length()
+        return self._torch.empty((bucket, *shape[1:]), dtype=dtype, device=self.device)[:frames]
 
     def from_pixels(self, pixels: npt.NDArray[Any]) -> Any:
         """Host (N, H, W, 3) uint8 pixels -> the model's input on the GPU, ready when this returns."""
@@ -130,8 +142,12 @@ class GpuJpegDecoder:
                         )[0]
                     frames.append(image)
                 # One stack and one conversion for the batch, not a kernel per frame.
-                same_dtype = all(f.dtype == frames[0].dtype for f in frames)
-                batch = torch.stack(frames if same_dtype else [f.float() for f in frames])
+                if all(f.dtype == frames[0].dtype and f.shape == frames[0].shape for f in frames):
+                    batch = torch.stack(
+                        frames, out=self._normaliser.empty((len(frames), *frames[0].shape), frames[0].dtype)
+                    )
+                else:
+                    batch = torch.stack([f.float() for f in frames])
                 batch = self._normaliser.normalise(batch)
                 torch.cuda.current_stream(self.device).synchronize()
                 return batch
