@@ -104,6 +104,30 @@ def test_large_batches_are_staged_on_several_threads() -> None:
         np.testing.assert_array_equal(dst, source)
 
 
+def test_staging_threads_end_at_shutdown_and_come_back_when_needed() -> None:
+    """Idle staging threads must not look like an inference still running when the worker exits."""
+    import threading
+    import time
+
+    from worker.backends.cuda import shutdown_staging, stage
+
+    def staging_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("jetinfer-stage") and t.is_alive())
+
+    big = np.ones((64, 3, 112, 112), np.float32)  # 9.6 MB: staged on threads
+    dst = np.zeros_like(big)
+    stage(dst, big)
+    assert staging_threads() > 0
+    shutdown_staging()
+    deadline = time.monotonic() + 5
+    while staging_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert staging_threads() == 0
+    stage(dst, big * 2)
+    np.testing.assert_array_equal(dst, big * 2)
+    shutdown_staging()
+
+
 def test_export_writes_the_file_atomically(tmp_path: Path, net: Any) -> None:
     out = tmp_path / "out" / "model.pt2"
     export_pt2(net, out, config=tiny_config(), max_batch=MAX_BATCH)

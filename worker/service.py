@@ -38,6 +38,7 @@ from jetinfer.streams import (
     reload_subject,
 )
 from worker.advisories import DeadLetters
+from worker.backends import cuda
 from worker.health import HealthServer
 from worker.metrics import GpuProbe, WorkerMetrics
 from worker.pipeline import ModelServer
@@ -257,6 +258,7 @@ class Worker:
         for slot in self.slots.values():
             await asyncio.to_thread(slot.close)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        cuda.shutdown_staging()  # idle staging threads would otherwise look like work still running
         logger.info("worker stopped")
 
     async def __aenter__(self) -> Self:

@@ -46,6 +46,7 @@ __all__ = [
     "env_flag",
     "runtime",
     "set_device",
+    "shutdown_staging",
     "stage",
 ]
 
@@ -135,6 +136,15 @@ _PARALLEL_COPY_BYTES = 8 * 1024 * 1024
 _COPY_THREADS = min(8, os.cpu_count() or 1)
 _copy_pool: ThreadPoolExecutor | None = None
 _copy_pool_lock = threading.Lock()
+
+
+def shutdown_staging() -> None:
+    """Let the staging threads end (at worker shutdown); a later `stage` starts new ones."""
+    global _copy_pool
+    with _copy_pool_lock:
+        pool, _copy_pool = _copy_pool, None
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def stage(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
