@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -107,6 +109,7 @@ class BenchPoint:
     batches: int | None = None
     gpu_memory_before_bytes: float | None = None
     gpu_memory_after_bytes: float | None = None
+    round: int = 1
 
 
 @dataclass
@@ -527,23 +530,52 @@ async def _run_levels(
     return points
 
 
+def round_ratios(points: list[BenchPoint], engine: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per round, best worker frames/s over best bare loop (and over best engine-only, where measured).
+
+    Rounds alternate the worker and its baselines, so a slow spell of a shared machine lands in one
+    round's ratio instead of between a baseline and the worker measured minutes apart.
+    """
+    ratios: dict[str, list[float]] = {}
+    for number in sorted({p.round for p in points}):
+
+        def best(mode: str, number: int = number) -> float:
+            return max(
+                (p.summary.frames_per_s for p in points if p.mode == mode and p.round == number), default=0
+            )
+
+        worker, bare = best("worker"), best("bare")
+        engine_best = max(
+            (row["frames_per_s"] for row in engine if row.get("round", 1) == number), default=0.0
+        )
+        if worker and bare:
+            ratios.setdefault("worker/bare loop", []).append(worker / bare)
+        if worker and engine_best:
+            ratios.setdefault("worker/engine-only", []).append(worker / engine_best)
+    return ratios
+
+
 def _table(points: list[BenchPoint], engine: list[dict[str, Any]]) -> str:
+    rounds = len({p.round for p in points}) > 1
     lines = [
-        f"{'mode':<8} {'load':>7} {'req/s':>9} {'frames/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        ("round " if rounds else "")
+        + f"{'mode':<8} {'load':>7} {'req/s':>9} {'frames/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
         f"{'max ms':>8} {'batch':>6} errors"
     ]
     for p in points:
         s = p.summary
         batch = f"{p.mean_batch:.1f}" if p.mean_batch else "-"
         lines.append(
-            f"{p.mode:<8} {p.load:>7g} {s.requests_per_s:>9.1f} {s.frames_per_s:>9.1f} {s.p50_ms:>8.2f} "
+            (f"{p.round:>5} " if rounds else "")
+            + f"{p.mode:<8} {p.load:>7g} {s.requests_per_s:>9.1f} {s.frames_per_s:>9.1f} {s.p50_ms:>8.2f} "
             f"{s.p90_ms:>8.2f} {s.p99_ms:>8.2f} {s.max_ms:>8.2f} {batch:>6} {s.errors or '-'}"
         )
     for row in engine:
         at_once = row.get("batches_at_once", 1)
         load = f"{row['batch']}" if at_once == 1 else f"{row['batch']}x{at_once}"
         lines.append(
-            f"{'engine':<8} {load:>7} {'':>9} {row['frames_per_s']:>9.1f} {row['latency_ms_p50']:>8.2f}"
+            (f"{row.get('round', 1):>5} " if rounds else "")
+            + f"{'engine':<8} {load:>7} {'':>9} {row['frames_per_s']:>9.1f} {row['latency_ms_p50']:>8.2f}"
         )
     best_engine = max((row["frames_per_s"] for row in engine), default=0.0)
     best = {
@@ -555,6 +587,10 @@ def _table(points: list[BenchPoint], engine: list[dict[str, Any]]) -> str:
             lines.append(f"ratio {mode}/engine-only (best frames/s): {value / best_engine:.3f}")
     if "worker" in best and "bare" in best and best["bare"]:
         lines.append(f"ratio worker/bare loop (best frames/s): {best['worker'] / best['bare']:.3f}")
+    if rounds:
+        for name, values in round_ratios(points, engine).items():
+            listed = ", ".join(f"{v:.3f}" for v in values)
+            lines.append(f"ratio {name} per round: {listed}; median {statistics.median(values):.3f}")
     return "\n".join(lines)
 
 
@@ -599,27 +635,33 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     payload, frames = make_payload(args, repository)
     points: list[BenchPoint] = []
     engine: list[dict[str, Any]] = []
-    if args.embedded:
-        assert repository is not None
-        modes = ["worker", "bare"] if args.bare else ["worker"]
-        for mode in modes:
-            async with embedded_stack(
-                repository,
-                args.model,
-                bare=mode == "bare",
-                worker_args=args.worker_arg or [],
-                workers=args.workers,
-                devices=[int(d) for d in args.devices.split(",")] if args.devices else [],
-            ) as (url, metrics_urls):
-                points += await _run_levels(args, url, metrics_urls, payload, frames, mode)
-    else:
-        urls = [args.metrics_url] if args.metrics_url else []
-        points += await _run_levels(args, args.nats_url, urls, payload, frames, "worker")
-    if args.engine_only:
-        if repository is None:
-            raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
-        batches = args.engine_batch or sorted({1, ModelRepository(repository).config(args.model).max_batch})
-        engine = await asyncio.to_thread(_engine_only, repository, args.model, batches, args.duration_s)
+    if args.engine_only and repository is None:
+        raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
+    for number in range(1, args.rounds + 1):
+        if args.embedded:
+            assert repository is not None
+            modes = ["worker", "bare"] if args.bare else ["worker"]
+            for mode in modes:
+                async with embedded_stack(
+                    repository,
+                    args.model,
+                    bare=mode == "bare",
+                    worker_args=args.worker_arg or [],
+                    workers=args.workers,
+                    devices=[int(d) for d in args.devices.split(",")] if args.devices else [],
+                ) as (url, metrics_urls):
+                    measured = await _run_levels(args, url, metrics_urls, payload, frames, mode)
+                    points += [dataclasses.replace(p, round=number) for p in measured]
+        else:
+            urls = [args.metrics_url] if args.metrics_url else []
+            measured = await _run_levels(args, args.nats_url, urls, payload, frames, "worker")
+            points += [dataclasses.replace(p, round=number) for p in measured]
+        if args.engine_only:
+            assert repository is not None
+            config = ModelRepository(repository).config(args.model)
+            batches = args.engine_batch or sorted({1, config.max_batch})
+            rows = await asyncio.to_thread(_engine_only, repository, args.model, batches, args.duration_s)
+            engine += [{**row, "round": number} for row in rows]
     report = {
         "model": args.model,
         "payload": args.payload,
@@ -700,6 +742,13 @@ def register(subparsers: Any) -> None:
         "tops out at a few thousand requests/s)",
     )
     load.add_argument("--warmup-s", type=float, default=2.0, help="seconds of warm-up before measuring")
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the worker, --bare and --engine-only measurements this many times, alternating, and "
+        "report each round's ratios and their median (shared machines drift between measurements)",
+    )
     payload = parser.add_argument_group("payload")
     payload.add_argument(
         "--payload", choices=["jpeg", "tensor"], default="jpeg", help="what each request carries"
@@ -741,6 +790,7 @@ def _command(args: argparse.Namespace) -> int:
     require(args.frames >= 1, "frames", "must be at least 1")
     require(args.clients >= 1, "clients", "must be at least 1")
     require(args.workers >= 1, "workers", "must be at least 1")
+    require(args.rounds >= 1, "rounds", "must be at least 1")
     require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
     report = asyncio.run(run_bench(args))
     if args.json is not None:

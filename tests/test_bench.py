@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.bench import summarize
+from producer.bench import BenchPoint, round_ratios, summarize
 from tests.conftest import run_cli
 
 
@@ -90,6 +90,66 @@ def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path:
     assert report["engine_only"][0]["batch"] == 16
     assert "ratio worker/bare loop" in result.stdout
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_round_ratios_compare_within_each_round() -> None:
+    """A slow second round lowers both worker and bare loop: its ratio stays its own."""
+
+    def point(mode: str, load: int, rate: float, number: int) -> BenchPoint:
+        summary = summarize([0.01] * int(rate), 1.0)
+        return BenchPoint(mode, load, summary, round=number)
+
+    points = [
+        point("worker", 64, 900, 1),
+        point("worker", 256, 1000, 1),
+        point("bare", 256, 1250, 1),
+        point("worker", 256, 500, 2),
+        point("bare", 256, 800, 2),
+    ]
+    engine = [
+        {"batch": 8, "frames_per_s": 2000.0, "round": 1},
+        {"batch": 8, "frames_per_s": 1000.0, "round": 2},
+    ]
+    ratios = round_ratios(points, engine)
+    assert ratios["worker/bare loop"] == pytest.approx([0.8, 0.625])
+    assert ratios["worker/engine-only"] == pytest.approx([0.5, 0.5])
+
+
+def test_rounds_alternate_the_worker_and_the_bare_loop(demo_repository: Path) -> None:
+    result = run_cli(
+        "bench",
+        "--embedded",
+        "--repository",
+        str(demo_repository),
+        "--model",
+        "identity",
+        "--payload",
+        "tensor",
+        "--shape",
+        "256",
+        "--concurrency",
+        "8",
+        "--duration-s",
+        "0.5",
+        "--warmup-s",
+        "0.2",
+        "--bare",
+        "--rounds",
+        "2",
+        "--json",
+        "-",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert [(p["round"], p["mode"]) for p in report["points"]] == [
+        (1, "worker"),
+        (1, "bare"),
+        (2, "worker"),
+        (2, "bare"),
+    ]
+    assert "ratio worker/bare loop per round:" in report["table"]
+    assert "median" in report["table"]
 
 
 async def test_open_loop_sends_at_the_rate_asked(nats_server: Any, model_repo: Any) -> None:
