@@ -112,7 +112,8 @@ class GpuJpegDecoder:
         self._nvimgcodec: Any = None
         self._hardware: Any = None  # nvImageCodec's decoder, where it loads and passes a self-test
         self.library = "torchvision"
-        if env_flag("nvimgcodec", default=True):
+        # Opt-in: measured on the H100 it was no faster end to end than torchvision, and its memory grew.
+        if env_flag("nvimgcodec", default=False):
             self._hardware = self._load_nvimgcodec()
 
     def _load_nvimgcodec(self) -> Any:
@@ -120,6 +121,7 @@ class GpuJpegDecoder:
 
         nvJPEG through torchvision decodes on the SMs the model needs; A100/H100-class GPUs also have a
         JPEG engine of their own, which nvImageCodec (`pip install nvidia-nvimgcodec-cu13`) can drive.
+        JETINFER_NVIMGCODEC=1 turns it on (docs/benchmarks.md has what it measured).
         """
         try:
             from nvidia import nvimgcodec  # type: ignore[import-not-found, unused-ignore]

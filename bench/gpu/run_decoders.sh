@@ -2,8 +2,8 @@
 # bench/gpu/run_decoders.sh OUTDIR — `--gpu-decode` with nvImageCodec (the GPU's JPEG engine) against
 # torchvision's nvJPEG, on the H100 in one call: the decoders alone (bench/gpu/decode_probe.py), then
 # ResNet-50 fp16 end to end with one and two workers, engine-only in the same call. Needs .carry/wheels
-# from bench/gpu/fetch_wheels.sh (it carries nvidia-nvimgcodec-cu13). JETINFER_NVIMGCODEC=0 forces
-# torchvision in the workers.
+# from bench/gpu/fetch_wheels.sh (it carries nvidia-nvimgcodec-cu13). The workers use torchvision
+# unless JETINFER_NVIMGCODEC=1 is exported.
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/jetinfer-gpu-decoders}}
 mkdir -p "$OUT"
