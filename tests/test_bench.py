@@ -47,20 +47,17 @@ def test_empty_sample_is_nan_not_a_crash() -> None:
     assert summary.errors == {"RequestTimeoutError": 2}
 
 
+def _identity_bench(repository: Path, *args: str) -> Any:
+    """`jetinfer bench --embedded --bare` on the identity model with 1 KB tensors, plus `args`."""
+    common = ["--repository", str(repository), "--model", "identity", "--payload", "tensor", "--shape", "256"]
+    return run_cli("bench", "--embedded", *common, "--bare", *args)
+
+
 def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     plot_path = tmp_path / "plot.png"
-    result = run_cli(
-        "bench",
-        "--embedded",
-        "--repository",
-        str(demo_repository),
-        "--model",
-        "identity",
-        "--payload",
-        "tensor",
-        "--shape",
-        "256",
+    result = _identity_bench(
+        demo_repository,
         "--concurrency",
         "4",
         "16",
@@ -68,7 +65,6 @@ def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path:
         "1",
         "--warmup-s",
         "0.5",
-        "--bare",
         "--engine-only",
         "--engine-batch",
         "16",
@@ -116,24 +112,14 @@ def test_round_ratios_compare_within_each_round() -> None:
 
 
 def test_rounds_alternate_the_worker_and_the_bare_loop(demo_repository: Path) -> None:
-    result = run_cli(
-        "bench",
-        "--embedded",
-        "--repository",
-        str(demo_repository),
-        "--model",
-        "identity",
-        "--payload",
-        "tensor",
-        "--shape",
-        "256",
+    result = _identity_bench(
+        demo_repository,
         "--concurrency",
         "8",
         "--duration-s",
         "0.5",
         "--warmup-s",
         "0.2",
-        "--bare",
         "--rounds",
         "2",
         "--json",

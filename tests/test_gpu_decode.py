@@ -12,13 +12,24 @@ import numpy as np
 import pytest
 
 from jetinfer.errors import ModelLoadError
-from jetinfer.repository import PreprocessConfig
+from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
 from tests.conftest import NatsUnderTest, running_worker
 from worker.preprocess import decode_pixels, preprocess_image
 
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
 )
+
+
+def _image_model() -> ModelConfig:
+    """A classifier taking 224x224 JPEGs, for the request-preparation tests."""
+    return ModelConfig(
+        name="m",
+        max_batch=8,
+        inputs=(TensorSpec("input", "FP32", (3, 224, 224)),),
+        outputs=(TensorSpec("output", "FP32", (1000,)),),
+        preprocess=CONFIG,
+    )
 
 
 def _gpu_decoder_or_skip() -> Any:
@@ -51,21 +62,32 @@ def test_gpu_decode_matches_the_cpu_path(cat_jpeg: bytes) -> None:
     assert np.abs(batch[1] - cpu[1]).mean() < 0.15
 
 
-async def test_gpu_decode_is_refused_at_start_where_it_cannot_work(
-    nats_server: NatsUnderTest, model_repo: Any, tmp_path: Path
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("gpu_decode", "--gpu-decode needs"), ("gpu_normalise", "GPU preprocessing needs")],
+)
+async def test_gpu_preprocessing_is_refused_at_start_where_it_cannot_work(
+    nats_server: NatsUnderTest, model_repo: Any, setting: str, message: str
 ) -> None:
     try:
         import torch
-        import torchvision.io  # noqa: F401
 
-        if torch.cuda.is_available():
-            pytest.skip("a CUDA GPU with torchvision is here: the refusal cannot be shown")
+        if torch.cuda.is_available() and (setting == "gpu_normalise" or _has_torchvision()):
+            pytest.skip("a CUDA GPU (with torchvision) is here: the refusal cannot be shown")
     except ImportError:
         pass
     repo, model = model_repo("efficientnet_lite0")
-    with pytest.raises(ModelLoadError, match="--gpu-decode needs"):
-        async with running_worker(nats_server.url, repo, [model], gpu_decode=True):
+    with pytest.raises(ModelLoadError, match=message):
+        async with running_worker(nats_server.url, repo, [model], **{setting: True}):
             pass
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.gpu
@@ -95,17 +117,10 @@ def test_images_for_gpu_normalise_are_pixels_in_their_own_batches(cat_jpeg: byte
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits, request_headers
-    from jetinfer.repository import ModelConfig, TensorSpec
     from worker.batcher import make_batches
     from worker.requests import prepare_request
 
-    config = ModelConfig(
-        name="m",
-        max_batch=8,
-        inputs=(TensorSpec("input", "FP32", (3, 224, 224)),),
-        outputs=(TensorSpec("output", "FP32", (1000,)),),
-        preprocess=CONFIG,
-    )
+    config = _image_model()
     ack = "$JS.ACK.INFER.worker-m.1.{0}.{0}.1732490000000000000.0"
     msgs = [
         Msg(
@@ -134,16 +149,9 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits
-    from jetinfer.repository import ModelConfig, TensorSpec
     from worker.requests import prepare_request
 
-    config = ModelConfig(
-        name="m",
-        max_batch=8,
-        inputs=(TensorSpec("input", "FP32", (3, 224, 224)),),
-        outputs=(TensorSpec("output", "FP32", (1000,)),),
-        preprocess=CONFIG,
-    )
+    config = _image_model()
     msg = Msg(
         _client=None,  # type: ignore[arg-type]
         subject="infer.m",
@@ -155,22 +163,6 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
     assert request.request_id == "seq-7"
     assert request.error is not None
     assert "Nats-Msg-Id" in request.error.message
-
-
-async def test_gpu_normalise_is_refused_at_start_where_there_is_no_gpu(
-    nats_server: NatsUnderTest, model_repo: Any
-) -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("a CUDA GPU is here: the refusal cannot be shown")
-    except ImportError:
-        pass
-    repo, model = model_repo("efficientnet_lite0")
-    with pytest.raises(ModelLoadError, match="GPU preprocessing needs"):
-        async with running_worker(nats_server.url, repo, [model], gpu_normalise=True):
-            pass
 
 
 @pytest.mark.gpu
