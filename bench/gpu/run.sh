@@ -48,7 +48,7 @@ $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --mod
     --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle.json" \
     --worker-arg=--lag-poll-s=1 > /dev/null
 
-step "end-to-end throughput, JPEG requests decoded on CPU threads (1 and 4 workers) or on the GPU (1 and 2)"
+step "end-to-end throughput, JPEG requests decoded on CPU threads or on the GPU (GPU_WORKERS, NORM_WORKERS)"
 jpeg() {  # name workers extra-bench-args...
     local name=$1 workers=$2; shift 2
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
