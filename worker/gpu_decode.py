@@ -41,7 +41,7 @@ class GpuNormaliser:
             raise ModelLoadError(f"GPU preprocessing needs torch: {exc}") from exc
         if not torch.cuda.is_available():
             raise ModelLoadError("GPU preprocessing needs a CUDA GPU; none is visible")
-        self._torch = self.torch = torch
+        self._torch = torch
         self.config = config
         self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
         # Its own stream: preprocessing the next batch overlaps the model running the current one.
@@ -95,12 +95,13 @@ class GpuJpegDecoder:
 
     def __init__(self, config: PreprocessConfig, *, device: int | None = None) -> None:
         try:
+            import torch
             import torch.nn.functional as functional
             from torchvision.io import ImageReadMode, decode_jpeg
         except ImportError as exc:
             raise ModelLoadError(f"--gpu-decode needs torch and torchvision: {exc}") from exc
         self._normaliser = GpuNormaliser(config, device=device)  # checks for a CUDA GPU
-        self._torch = self._normaliser.torch
+        self._torch = torch
         self._functional = functional
         self._decode_jpeg = decode_jpeg
         self._mode = ImageReadMode.RGB

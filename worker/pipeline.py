@@ -43,6 +43,7 @@ from jetinfer.protocol import (
     encode_error,
     encode_outputs,
 )
+from jetinfer.repository import PreprocessConfig
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
 from worker.consumer import AckAction, PullConsumer, Received, decide_ack
@@ -287,47 +288,41 @@ class ModelServer:
         whose batch splitting finds the request that cannot be decoded."""
         current = self._slot.current
         preprocess = current.config.preprocess if current is not None else None
-        decoder, normaliser = self._gpu_decoder, self._gpu_normaliser
+        tool = self._gpu_normaliser if batch.pixels else self._gpu_decoder
+        if preprocess is None or tool is None or tool.config != preprocess:
+            return  # the infer stage prepares it, with the preprocessing of the version that runs it
         try:
-            if batch.pixels and normaliser is not None and normaliser.config == preprocess:
-                [pixels] = batch.inputs.values()
-                batch.on_device = normaliser.from_pixels(pixels)
-            elif batch.encoded is not None and decoder is not None and decoder.config == preprocess:
-                batch.on_device = decoder.decode(batch.encoded)
+            batch.on_device = self._preprocess_on_gpu(batch, preprocess)
+            batch.prepared_for = preprocess
         except RequestError as exc:
             logger.debug("model %s: decoding ahead failed (%s); the batch run will split it", self.model, exc)
-        batch.prepared_for = preprocess if batch.on_device is not None else None
 
-    def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
-        preprocess = loaded.config.preprocess
-        if batch.on_device is not None and preprocess is not None and batch.prepared_for == preprocess:
-            images = batch.on_device
-            if not loaded.backend.accepts_device_tensors:
-                images = images.cpu().numpy()
-            return loaded.backend.infer({preprocess.input: images})
-        encoded = batch.encoded
+    def _preprocess_on_gpu(self, batch: Batch, preprocess: PreprocessConfig) -> Any:
+        """The model input of a JPEG (`--gpu-decode`) or pixel (`--gpu-normalise`) batch, on the GPU."""
         if batch.pixels:
-            return self._run_pixels(loaded, batch)
-        if encoded is None:
-            return loaded.backend.infer(batch.inputs)
-        if self._gpu_decoder is None or preprocess is None:
+            if self._gpu_normaliser is None:
+                raise BackendError("a batch of pixels was left for the GPU, but there is no GPU normaliser")
+            if self._gpu_normaliser.config != preprocess:  # a new version changed its preprocessing
+                self._gpu_normaliser = GpuNormaliser(preprocess, device=self._settings.device)
+            [pixels] = batch.inputs.values()
+            return self._gpu_normaliser.from_pixels(pixels)
+        if self._gpu_decoder is None or batch.encoded is None:
             raise BackendError("a JPEG batch was left for the GPU decoder, but there is none")
         if self._gpu_decoder.config != preprocess:  # a new version changed its preprocessing
             self._gpu_decoder = GpuJpegDecoder(preprocess, device=self._settings.device)
-        images = self._gpu_decoder.decode(encoded)
-        if not loaded.backend.accepts_device_tensors:  # e.g. a reload brought an onnxruntime version
-            images = images.cpu().numpy()
-        return loaded.backend.infer({preprocess.input: images})
+        return self._gpu_decoder.decode(batch.encoded)
 
-    def _run_pixels(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
+    def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
+        if batch.encoded is None and not batch.pixels:
+            return loaded.backend.infer(batch.inputs)
         preprocess = loaded.config.preprocess
-        if self._gpu_normaliser is None or preprocess is None:
-            raise BackendError("a batch of pixels was left for the GPU, but there is no GPU normaliser")
-        if self._gpu_normaliser.config != preprocess:  # a new version changed its preprocessing
-            self._gpu_normaliser = GpuNormaliser(preprocess, device=self._settings.device)
-        [pixels] = batch.inputs.values()
-        images = self._gpu_normaliser.from_pixels(pixels)
-        if not loaded.backend.accepts_device_tensors:
+        if preprocess is None:
+            raise BackendError("a batch was left for GPU preprocessing, but the serving version has none")
+        if batch.on_device is not None and batch.prepared_for == preprocess:
+            images = batch.on_device
+        else:
+            images = self._preprocess_on_gpu(batch, preprocess)
+        if not loaded.backend.accepts_device_tensors:  # e.g. a reload brought an onnxruntime version
             images = images.cpu().numpy()
         return loaded.backend.infer({preprocess.input: images})
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -62,7 +61,7 @@ class OnnxRuntimeBackend(Backend):
         # batch waits at a parallel section's barrier for a thread that decoding has preempted.
         self._slots = 1
         if providers == ["CPUExecutionProvider"]:
-            self._slots = parallel_batches or _DEFAULT_CPU_SLOTS
+            self._slots = self.parallel_batches or _DEFAULT_CPU_SLOTS
         threads = intra_op_threads or int(os.environ.get("JETINFER_ORT_THREADS", "0"))
         if not threads and self._slots > 1:
             threads = max(1, (os.cpu_count() or 1) // self._slots)
@@ -85,7 +84,6 @@ class OnnxRuntimeBackend(Backend):
         if missing:
             raise ModelLoadError(f"{version.model_file}: config outputs {sorted(missing)} not in the model")
         self._dtypes = {spec.name: DATATYPES[spec.datatype] for spec in version.config.inputs}
-        self._lock = threading.Lock()
         logger.info(
             "onnxruntime: loaded %s v%d providers=%s",
             version.config.name,
@@ -95,18 +93,12 @@ class OnnxRuntimeBackend(Backend):
 
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch through the session."""
-        if self._closed:
+        session = self._session  # read once: a close() racing this call cannot take it mid-way
+        if self._closed or session is None:
             raise BackendError("backend is closed")
         feed = {name: np.ascontiguousarray(array, dtype=self._dtypes[name]) for name, array in inputs.items()}
-        session = self._session
-        if session is None:
-            raise BackendError("backend is closed")
         try:
-            if self._slots > 1:
-                results = session.run(self._output_names, feed)  # InferenceSession.run is thread-safe
-            else:
-                with self._lock:
-                    results = session.run(self._output_names, feed)
+            results = session.run(self._output_names, feed)  # thread-safe: batch slots share the session
         except Exception as exc:
             raise BackendError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
