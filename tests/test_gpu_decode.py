@@ -166,9 +166,18 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["gpu_decode", "gpu_normalise"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"gpu_decode": True},
+        {"gpu_normalise": True},
+        {"gpu_normalise": True, "decode_processes": 2},
+        {"gpu_decode": True, "gpu_normalise": True, "decode_processes": 2},
+    ],
+    ids=["gpu-decode", "gpu-normalise", "decode-processes", "both"],
+)
 async def test_a_worker_preprocessing_on_the_gpu_classifies_the_cat_and_isolates_a_bad_jpeg(
-    nats_server: NatsUnderTest, cat_jpeg: bytes, tmp_path: Path, mode: str
+    nats_server: NatsUnderTest, cat_jpeg: bytes, tmp_path: Path, mode: dict[str, Any]
 ) -> None:
     """The whole path on a GPU: batches decoded ahead on their own stream, a torch fp16 EfficientNet-Lite0,
     one corrupt JPEG among 40 good ones answered `invalid_input` while the others get the cat."""
@@ -183,7 +192,7 @@ async def test_a_worker_preprocessing_on_the_gpu_classifies_the_cat_and_isolates
         pytest.skip(f"cannot build the torch EfficientNet-Lite0 here: {built.stderr[-300:]}")
     corrupt = cat_jpeg[:600] + bytes(range(256)) * 8  # a JPEG header, then garbage
     async with (
-        running_worker(nats_server.url, repo, ["efficientnet_lite0"], **{mode: True}) as worker,
+        running_worker(nats_server.url, repo, ["efficientnet_lite0"], **mode) as worker,
         Client(nats_server.url) as client,
     ):
         results = await asyncio.gather(
@@ -193,6 +202,11 @@ async def test_a_worker_preprocessing_on_the_gpu_classifies_the_cat_and_isolates
             return_exceptions=True,
         )
         batches = worker.servers["efficientnet_lite0"].batches_run
+        # One at a time, as at idle: batches of one (with "both", those go to nvJPEG, not the processes).
+        lone = await client.infer("efficientnet_lite0", cat_jpeg, timeout=60)
+        assert int(lone.output()[0].argmax()) in CAT_CLASSES
+        with pytest.raises(InvalidInputError):
+            await client.infer("efficientnet_lite0", corrupt, timeout=60)
     bad = results.pop(20)
     assert isinstance(bad, InvalidInputError), bad
     for reply in results:

@@ -73,6 +73,9 @@ def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:
 
 def _serve_command(args: argparse.Namespace) -> int:
     settings = load_settings(WorkerSettings, args)
+    if settings.gil_switch_ms:
+        # Process-wide, so set here and not in Worker (which tests run inside pytest's process).
+        sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
     asyncio.run(serve(settings))
     busy = _busy_threads()
     if busy:

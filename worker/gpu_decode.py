@@ -34,11 +34,14 @@ class GpuNormaliser:
     bytes of FP32 to copy); `GpuJpegDecoder` feeds it what nvJPEG decoded.
     """
 
-    def __init__(self, config: PreprocessConfig, *, device: int | None = None) -> None:
+    def __init__(
+        self, config: PreprocessConfig, *, device: int | None = None, max_frames: int | None = None
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
             raise ModelLoadError(f"GPU preprocessing needs torch: {exc}") from exc
+        self.max_frames = max_frames
         if not torch.cuda.is_available():
             raise ModelLoadError("GPU preprocessing needs a CUDA GPU; none is visible")
         self._torch = torch
@@ -66,14 +69,35 @@ class GpuNormaliser:
         return batch
 
     def empty(self, shape: Any, dtype: Any) -> Any:
-        """An uninitialised tensor of `shape`, cut from one of a power-of-two batch size.
+        """An uninitialised tensor of `shape`, cut from one of `max_frames` frames (or a power of two).
 
         Batches come in every size from 1 to max_batch; allocating each size exactly leaves torch's
-        caching allocator holding a block per size seen. A handful of bucket sizes keeps it flat.
+        caching allocator holding a block per size seen, and even power-of-two sizes let it split big
+        blocks for small batches and then grow for the next big one (measured on the H100: +300 to
+        +650 MiB in 15 s with two workers). One size per dtype reuses the same few blocks forever.
         """
         frames = int(shape[0])
-        bucket = 1 << max(0, frames - 1).bit_length()
+        if self.max_frames is not None and frames <= self.max_frames:
+            bucket = self.max_frames
+        else:
+            bucket = 1 << max(0, frames - 1).bit_length()
         return self._torch.empty((bucket, *shape[1:]), dtype=dtype, device=self.device)[:frames]
+
+    def pin(self, host: npt.NDArray[Any]) -> bool:
+        """Page-lock `host` (cudaHostRegister) so copies from it are direct DMA; False where CUDA refuses.
+
+        Call `unpin` before the memory is freed.
+        """
+        cuda: Any = self._torch.cuda  # cudart() has no annotations
+        error = int(cuda.cudart().cudaHostRegister(host.ctypes.data, host.nbytes, 0))
+        if error != 0:
+            logger.info("could not page-lock %d bytes for GPU copies (cudaError %d)", host.nbytes, error)
+        return error == 0
+
+    def unpin(self, host: npt.NDArray[Any]) -> None:
+        """Undo `pin`."""
+        cuda: Any = self._torch.cuda
+        cuda.cudart().cudaHostUnregister(host.ctypes.data)
 
     def from_pixels(self, pixels: npt.NDArray[Any]) -> Any:
         """Host (N, H, W, 3) uint8 pixels -> the model's input on the GPU, ready when this returns."""
@@ -82,7 +106,11 @@ class GpuNormaliser:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream), torch.inference_mode():
                 # Pillow's arrays are read-only, and a one-image batch is one of them: torch warns on those.
                 host = pixels if pixels.flags.writeable else pixels.copy()
-                on_gpu = torch.from_numpy(host).to(self.device, non_blocking=False)
+                # Asynchronous from page-locked memory (the shared block of --decode-processes), a plain
+                # copy otherwise; either way the stream is synchronised before this returns.
+                source = torch.from_numpy(host)
+                on_gpu = self.empty(source.shape, torch.uint8)  # a pooled bucket, not a new size per batch
+                on_gpu.copy_(source, non_blocking=True)
                 batch = self.normalise(on_gpu.permute(0, 3, 1, 2))
                 torch.cuda.current_stream(self.device).synchronize()
                 return batch
@@ -93,14 +121,16 @@ class GpuNormaliser:
 class GpuJpegDecoder:
     """Decodes a list of JPEGs into one normalised (N, C, H, W) or (N, H, W, C) tensor on a GPU."""
 
-    def __init__(self, config: PreprocessConfig, *, device: int | None = None) -> None:
+    def __init__(
+        self, config: PreprocessConfig, *, device: int | None = None, max_frames: int | None = None
+    ) -> None:
         try:
             import torch
             import torch.nn.functional as functional
             from torchvision.io import ImageReadMode, decode_jpeg
         except ImportError as exc:
             raise ModelLoadError(f"--gpu-decode needs torch and torchvision: {exc}") from exc
-        self._normaliser = GpuNormaliser(config, device=device)  # checks for a CUDA GPU
+        self._normaliser = GpuNormaliser(config, device=device, max_frames=max_frames)  # checks for a GPU
         self._torch = torch
         self._functional = functional
         self._decode_jpeg = decode_jpeg

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -47,8 +48,10 @@ from jetinfer.repository import PreprocessConfig
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
 from worker.batcher import Batch, make_batches, split_outputs
 from worker.consumer import AckAction, PullConsumer, Received, decide_ack
+from worker.decode_processes import ProcessDecoder
 from worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
 from worker.metrics import WorkerMetrics
+from worker.preprocess import decode_pixels
 from worker.reload import LoadedModel, ModelSlot
 from worker.replies import publish_reply
 from worker.requests import PreparedRequest, check_deadline, prepare_request
@@ -61,6 +64,7 @@ logger = logging.getLogger(__name__)
 _STOP = None
 _INLINE_PREPARE_BYTES = 1 << 20  # tensor bytes a batch may hold and still be prepared on the event loop
 _DURABLE_BATCHES = 4  # batches of durable (results.>) replies waiting for PubAcks at once
+_GPU_DECODE_UP_TO = 4  # with --gpu-decode and --decode-processes, smaller JPEG batches decode on the GPU
 
 
 Outputs = dict[str, npt.NDArray[Any]]
@@ -75,6 +79,11 @@ class _Done:
     started_at: float
     infer_s: float
     results: list[Outputs | RequestError]
+
+
+def _few_jpegs(images: list[bytes]) -> bool:
+    """A batch small enough to decode on the GPU when decoding processes are there too."""
+    return len(images) <= _GPU_DECODE_UP_TO and all(image[:3] == b"\xff\xd8\xff" for image in images)
 
 
 def _request_error(exc: BaseException) -> RequestError:
@@ -122,6 +131,8 @@ class ModelServer:
         self._gpu_decoder: GpuJpegDecoder | None = None
         self._gpu_normaliser: GpuNormaliser | None = None
         self._gpu_prep_pool: ThreadPoolExecutor | None = None  # decodes the next batch on the GPU
+        self._process_decoder: ProcessDecoder | None = None  # --decode-processes
+        self._pinned = False  # whether the process decoder's shared block is page-locked for the GPU
         self.progress_sent = 0  # in_progress signals sent (slow batches, long queues)
         self.isolated_runs = 0  # single-request re-runs after a failed batch
         self._inflight = metrics.inflight.labels(model=model)
@@ -148,12 +159,20 @@ class ModelServer:
         if self._settings.gpu_decode and current is not None and current.config.preprocess is not None:
             # Refuse at start, not at the first request, where the GPU decoder cannot work.
             self._gpu_decoder = await asyncio.to_thread(
-                GpuJpegDecoder, current.config.preprocess, device=self._settings.device
+                GpuJpegDecoder,
+                current.config.preprocess,
+                device=self._settings.device,
+                max_frames=self.max_batch,
             )
         if self._settings.gpu_normalise and current is not None and current.config.preprocess is not None:
             self._gpu_normaliser = await asyncio.to_thread(
-                GpuNormaliser, current.config.preprocess, device=self._settings.device
+                GpuNormaliser,
+                current.config.preprocess,
+                device=self._settings.device,
+                max_frames=self.max_batch,
             )
+        if self._settings.decode_processes and self._gpu_normaliser is not None and current is not None:
+            await asyncio.to_thread(self._start_process_decoder, current.config.preprocess)
         if self._gpu_decoder is not None or self._gpu_normaliser is not None:
             self._gpu_prep_pool = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"gpu-prep-{self.model}"
@@ -181,6 +200,30 @@ class ModelServer:
             self.batch_slots,
         )
 
+    def _start_process_decoder(self, preprocess: PreprocessConfig | None) -> None:
+        assert preprocess is not None, "decoding processes need an image model"
+        assert self._gpu_normaliser is not None, "decoding processes feed the GPU normaliser"
+        decoder = ProcessDecoder(
+            preprocess, processes=self._settings.decode_processes, max_frames=self.max_batch
+        )
+        self._pinned = self._gpu_normaliser.pin(decoder.buffer)
+        self._process_decoder = decoder
+        logger.info(
+            "model %s: decoding images in %d processes (%d MB shared%s)",
+            self.model,
+            decoder.processes,
+            decoder.buffer.nbytes >> 20,
+            ", page-locked" if self._pinned else "",
+        )
+
+    def _close_process_decoder(self) -> None:
+        decoder, self._process_decoder = self._process_decoder, None
+        if decoder is None:
+            return
+        if self._pinned and self._gpu_normaliser is not None:
+            self._gpu_normaliser.unpin(decoder.buffer)
+        decoder.close()
+
     async def on_reconnect(self) -> None:
         """After a reconnect, outstanding pulls may be gone: ask again."""
         if self._consumer is not None:
@@ -191,9 +234,16 @@ class ModelServer:
     def _prepare_chunk(self, msgs: list[Msg], config: Any, max_batch: int) -> list[PreparedRequest]:
         gpu_jpeg = self._gpu_decoder is not None
         gpu_pixels = self._gpu_normaliser is not None
+        defer = self._process_decoder is not None
         return [
             prepare_request(
-                m, config, max_batch=max_batch, limits=self._limits, gpu_jpeg=gpu_jpeg, gpu_pixels=gpu_pixels
+                m,
+                config,
+                max_batch=max_batch,
+                limits=self._limits,
+                gpu_jpeg=gpu_jpeg,
+                gpu_pixels=gpu_pixels,
+                defer_images=defer,
             )
             for m in msgs
         ]
@@ -205,13 +255,14 @@ class ModelServer:
         config, max_batch = current.config, self.max_batch
         threads = self._settings.decode_threads
         gpu_jpeg = self._gpu_decoder is not None
+        deferred = self._process_decoder is not None  # every image decodes in the decoding processes
         cpu_images = 0
         tensor_bytes = 0
         for m in msgs:
             content_type = m.headers.get(HEADER_CONTENT_TYPE, "") if m.headers else ""
             if not content_type.startswith("image/"):
                 tensor_bytes += len(m.data)
-            elif not (gpu_jpeg and content_type.startswith(CONTENT_TYPE_JPEG)):
+            elif not (deferred or (gpu_jpeg and content_type.startswith(CONTENT_TYPE_JPEG))):
                 cpu_images += 1
         if cpu_images == 0 and tensor_bytes <= _INLINE_PREPARE_BYTES:
             # Nothing to decode, little to copy: checks and msgpack parsing are pure Python, which holds
@@ -288,7 +339,8 @@ class ModelServer:
         whose batch splitting finds the request that cannot be decoded."""
         current = self._slot.current
         preprocess = current.config.preprocess if current is not None else None
-        tool = self._gpu_normaliser if batch.pixels else self._gpu_decoder
+        by_normaliser = batch.pixels or self._process_decoder is not None
+        tool = self._gpu_normaliser if by_normaliser else self._gpu_decoder
         if preprocess is None or tool is None or tool.config != preprocess:
             return  # the infer stage prepares it, with the preprocessing of the version that runs it
         try:
@@ -299,18 +351,34 @@ class ModelServer:
 
     def _preprocess_on_gpu(self, batch: Batch, preprocess: PreprocessConfig) -> Any:
         """The model input of a JPEG (`--gpu-decode`) or pixel (`--gpu-normalise`) batch, on the GPU."""
-        if batch.pixels:
+        encoded, decoder = batch.encoded, self._process_decoder
+        if encoded is not None and self._gpu_decoder is not None and _few_jpegs(encoded):
+            decoder = None  # with --gpu-decode too: a lone request gets nvJPEG's latency; the SMs are idle
+        if batch.pixels or (encoded is not None and decoder is not None):
             if self._gpu_normaliser is None:
                 raise BackendError("a batch of pixels was left for the GPU, but there is no GPU normaliser")
-            if self._gpu_normaliser.config != preprocess:  # a new version changed its preprocessing
-                self._gpu_normaliser = GpuNormaliser(preprocess, device=self._settings.device)
-            [pixels] = batch.inputs.values()
-            return self._gpu_normaliser.from_pixels(pixels)
-        if self._gpu_decoder is None or batch.encoded is None:
+            normaliser = self._gpu_normaliser
+            if normaliser.config != preprocess:  # a new version changed its preprocessing
+                # Built aside, then swapped: the decode-ahead thread may be using the old one.
+                normaliser = self._gpu_normaliser = GpuNormaliser(
+                    preprocess, device=self._settings.device, max_frames=self.max_batch
+                )
+            if encoded is None or decoder is None:
+                [pixels] = batch.inputs.values()
+                return normaliser.from_pixels(pixels)
+            if decoder.fits(len(encoded), preprocess):
+                with decoder.decode(encoded, preprocess) as shared:
+                    return normaliser.from_pixels(shared)
+            # A reload raised max_batch or the image size past the shared block: decode here this time.
+            pixels = np.concatenate([decode_pixels(image, preprocess) for image in encoded])
+            return normaliser.from_pixels(pixels)
+        if self._gpu_decoder is None or encoded is None:
             raise BackendError("a JPEG batch was left for the GPU decoder, but there is none")
         if self._gpu_decoder.config != preprocess:  # a new version changed its preprocessing
-            self._gpu_decoder = GpuJpegDecoder(preprocess, device=self._settings.device)
-        return self._gpu_decoder.decode(batch.encoded)
+            self._gpu_decoder = GpuJpegDecoder(
+                preprocess, device=self._settings.device, max_frames=self.max_batch
+            )
+        return self._gpu_decoder.decode(encoded)
 
     def _run(self, loaded: LoadedModel, batch: Batch) -> dict[str, npt.NDArray[Any]]:
         if batch.encoded is None and not batch.pixels:
@@ -593,6 +661,7 @@ class ModelServer:
             unstarted = await self._consumer.stop()
             await asyncio.gather(*(self._nak(m, 0.0) for m in unstarted))
         if self._fetch_task is None or self._reply_task is None or self._watchdog_task is None:
+            await asyncio.to_thread(self._close_process_decoder)
             return  # never started
         stages = [self._fetch_task, *self._infer_tasks, self._reply_task]
         # Batches waiting for the engine never started: give them back at once. The fetch stage's end
@@ -622,3 +691,4 @@ class ModelServer:
         for pool in (self._infer_pool, self._gpu_prep_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._close_process_decoder)

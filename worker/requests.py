@@ -56,14 +56,14 @@ class PreparedRequest:
     frames: int = 0
     error: RequestError | None = None
     content_type: str = CONTENT_TYPE_MSGPACK
-    encoded: bytes | None = None  # a JPEG left for the GPU to decode (--gpu-decode)
+    encoded: bytes | None = None  # an image left encoded for --gpu-decode or --decode-processes
     pixels: bool = False  # inputs hold (1, H, W, 3) uint8 pixels for the GPU to normalise (--gpu-normalise)
 
     @property
     def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Per-frame shapes; requests with the same key can share a batch."""
         if self.encoded is not None:
-            return (("encoded-jpeg", ()),)
+            return (("encoded-image", ()),)
         if self.pixels:
             return tuple(sorted((f"pixels:{n}", tuple(a.shape[1:])) for n, a in self.inputs.items()))
         return tuple(sorted((name, tuple(arr.shape[1:])) for name, arr in self.inputs.items()))
@@ -108,11 +108,14 @@ def prepare_request(
     limits: Limits,
     gpu_jpeg: bool = False,
     gpu_pixels: bool = False,
+    defer_images: bool = False,
 ) -> PreparedRequest:
     """Decode and validate one message for `config`. Never raises; errors are set on the result.
 
     With `gpu_jpeg`, a JPEG request is checked for size only and left encoded for the GPU decoder.
     With `gpu_pixels`, an image is decoded to uint8 pixels here and normalised on the GPU later.
+    With `defer_images`, every image is checked for size only and left encoded for the batch's
+    decoding processes (`--decode-processes`).
     """
     headers = msg.headers or {}
     deliveries, enqueued_at = delivery_info(msg)
@@ -142,7 +145,9 @@ def prepare_request(
                 raise InvalidInputError(f"model {config.name} takes tensors, not {content_type} images")
             if len(msg.data) > limits.max_bytes:
                 raise TooLargeError(f"image of {len(msg.data)} bytes is over {limits.max_bytes}")
-            if gpu_jpeg and content_type == CONTENT_TYPE_JPEG and msg.data[:3] == b"\xff\xd8\xff":
+            if defer_images or (
+                gpu_jpeg and content_type == CONTENT_TYPE_JPEG and msg.data[:3] == b"\xff\xd8\xff"
+            ):
                 request.encoded = bytes(msg.data)
                 request.frames = 1
             elif gpu_pixels:

@@ -59,6 +59,17 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         "FP32's bytes to copy, and the GPU's time stays with the model; torch with CUDA; with --gpu-decode, "
         "JPEGs still decode on the GPU)",
     )
+    decode_processes: int = setting(
+        0,
+        "with --gpu-normalise, decode image requests in this many processes into shared memory (past the "
+        "GIL that caps the decode threads at about 1.4k images/s per worker; 0: on the decode threads); "
+        "with --gpu-decode too, batches of up to 4 JPEGs still decode on the GPU, for latency at idle",
+    )
+    gil_switch_ms: float = setting(
+        0.0,
+        "how long a busy thread may hold Python's GIL before another waiting thread gets it (0: Python's "
+        "5 ms); shorter hands it sooner to the threads that feed the GPU and the decoding processes",
+    )
     device: int | None = setting(None, "GPU index (default: CUDA_VISIBLE_DEVICES / the first GPU)")
     reload_poll_s: float = setting(30.0, "poll the repository for new versions this often (0: signal only)")
     lag_poll_s: float = setting(5.0, "read consumer lag from the server this often (for metrics)")
@@ -83,6 +94,17 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
             not ((self.gpu_decode or self.gpu_normalise) and self.parallel_batches > 1),
             "parallel_batches",
             "--gpu-decode and --gpu-normalise run one batch at a time on the GPU; leave it at 0 or 1",
+        )
+        require(0 <= self.decode_processes <= 256, "decode_processes", "must be 0..256")
+        require(
+            self.decode_processes == 0 or self.gpu_normalise,
+            "decode_processes",
+            "decoding processes feed --gpu-normalise: add --gpu-normalise",
+        )
+        require(
+            self.gil_switch_ms == 0 or 0.05 <= self.gil_switch_ms <= 100,
+            "gil_switch_ms",
+            "must be 0 or 0.05..100",
         )
         require(1 <= self.fetch_batches <= 64, "fetch_batches", "must be 1..64")
         require(0 <= self.decode_workers <= 256, "decode_workers", "must be 0..256")
