@@ -458,10 +458,15 @@ async def embedded_stack(
 
 
 def _scrape_all(urls: Sequence[str]) -> dict[str, float]:
+    """Counters summed over the workers; GPU memory the largest one reports (each reads the same GPUs
+    through NVML, so a sum would count a shared GPU once per worker)."""
     total: dict[str, float] = {}
     for url in urls:
         for key, value in scrape_worker_metrics(url).items():
-            total[key] = total.get(key, 0.0) + value
+            if key == "gpu_memory_bytes":
+                total[key] = max(total.get(key, 0.0), value)
+            else:
+                total[key] = total.get(key, 0.0) + value
     return total
 
 

@@ -1,10 +1,12 @@
-"""Time `--gpu-decode`'s JPEG decoders on this GPU: torchvision's nvJPEG and nvImageCodec (hardware engine).
+"""Time the JPEG decoders a GPU worker can use, on the machine it runs on.
 
-    python bench/gpu/decode_probe.py [--batch 128] [--seconds 3]
+    python bench/gpu/decode_probe.py [--batch 128] [--seconds 3] [--processes 4 8 12]
 
 Decodes, resizes and normalises batches of the cat photo (224x224 JPEG) with `GpuJpegDecoder`, once
 with JETINFER_NVIMGCODEC=0 (torchvision) and once with it on; prints images/s for each and which
-library served. Also checks the two agree on the pixels.
+library served, and checks the two agree on the pixels. Then the CPU: one image at a time with
+Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared memory, then
+`GpuNormaliser.from_pixels`) at each `--processes` count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 import numpy as np
 
 from jetinfer.repository import PreprocessConfig
-from worker.gpu_decode import GpuJpegDecoder
+from worker.decode_processes import ProcessDecoder
+from worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
+from worker.preprocess import decode_pixels
 
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -41,20 +45,60 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, nargs="*", default=[], help="decoding process counts")
+    parser.add_argument("--skip-gpu-decoders", action="store_true", help="time the CPU decoders only")
     args = parser.parse_args()
-    images = [cat_jpeg()] * args.batch
+    if not args.skip_gpu_decoders:
+        gpu_decoders(args.batch, args.seconds)
+    cpu_decoders(args.batch, args.seconds, args.processes)
+
+
+def cpu_decoders(batch: int, seconds: float, counts: list[int]) -> None:
+    """Pillow in this process, then a pool of decoding processes feeding the GPU normaliser."""
+    image = cat_jpeg()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        decode_pixels(image, CONFIG)
+        done += 1
+    elapsed = time.perf_counter() - started
+    print(f"Pillow, one thread: {done / elapsed:,.0f} images/s ({elapsed / done * 1e3:.3f} ms per image)")
+    normaliser = GpuNormaliser(CONFIG)
+    images = [image] * batch
+    for count in counts:
+        decoder = ProcessDecoder(CONFIG, processes=count, max_frames=batch)
+        pinned = normaliser.pin(decoder.buffer)
+        for copy in (False, True):
+            with decoder.decode(images, CONFIG) as pixels:  # warm-up
+                normaliser.from_pixels(pixels)
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                with decoder.decode(images, CONFIG) as pixels:
+                    if copy:
+                        normaliser.from_pixels(pixels)
+                done += batch
+            rate = done / (time.perf_counter() - started)
+            what = "then to the GPU" + (" (page-locked)" if pinned else "") if copy else "decode only"
+            print(f"{count:>3} decoding processes, batch {batch}, {what}: {rate:,.0f} images/s")
+        if pinned:
+            normaliser.unpin(decoder.buffer)
+        decoder.close()
+
+
+def gpu_decoders(batch: int, seconds: float) -> None:
+    """nvJPEG through torchvision, then nvImageCodec; their agreement."""
+    images = [cat_jpeg()] * batch
     outputs = {}
     for flag in ("0", "1"):
         os.environ["JETINFER_NVIMGCODEC"] = flag
         decoder = GpuJpegDecoder(CONFIG)
         decoder.decode(images)  # warm-up
         done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < args.seconds:
+        while time.perf_counter() - started < seconds:
             out = decoder.decode(images)
             done += len(images)
         rate = done / (time.perf_counter() - started)
         outputs[decoder.library] = out.cpu().numpy()
-        print(f"JETINFER_NVIMGCODEC={flag}: {decoder.library}: {rate:,.0f} images/s at batch {args.batch}")
+        print(f"JETINFER_NVIMGCODEC={flag}: {decoder.library}: {rate:,.0f} images/s at batch {batch}")
     if len(outputs) == 2:
         first, second = outputs.values()
         print(

@@ -41,6 +41,15 @@ def main(out: Path) -> None:
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
             if "idle" in name:
                 idle_p50[name] = s["p50_ms"]
+    memory_files = sorted(out.glob("memory-*.txt"))
+    if memory_files:
+        print(f"\n{'GPU MiB used, whole run':<34} {'at 40%':>7} {'at 70%':>7} {'last':>7} {'max':>7}")
+    for path in memory_files:
+        samples = [int(line) for line in path.read_text().split() if line.strip().isdigit()]
+        if samples:
+            name = path.stem.removeprefix("memory-")
+            at = [samples[int(len(samples) * f)] for f in (0.4, 0.7)]
+            print(f"{name:<34} {at[0]:>7} {at[1]:>7} {samples[-1]:>7} {max(samples):>7}")
     resnet = engines.get("resnet50") or []
     if resnet:
         engine_best = max(r["frames_per_s"] for r in resnet)
