@@ -86,16 +86,16 @@ done
 step end-to-end idle latency, one JPEG at a time, decoded on the GPU
 $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
     --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle-jpeg-gpu.json" \
-    --worker-arg=--gpu-decode > /dev/null
+    --worker-arg=--lag-poll-s=1 --worker-arg=--gpu-decode > /dev/null
 
 if [ -n "${PROC_WORKERS:-}" ]; then
     step end-to-end idle latency, one JPEG at a time, decoded in a process, then with --gpu-decode too
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
         --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle-jpeg-proc.json" \
-        --worker-arg=--gpu-normalise --worker-arg=--decode-processes=2 > /dev/null
+        --worker-arg=--lag-poll-s=1 --worker-arg=--gpu-normalise --worker-arg=--decode-processes=2 > /dev/null
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
         --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --json "$OUT/e2e-resnet50-idle-jpeg-both.json" \
-        --worker-arg=--gpu-normalise --worker-arg=--decode-processes=2 --worker-arg=--gpu-decode > /dev/null
+        --worker-arg=--lag-poll-s=1 --worker-arg=--gpu-normalise --worker-arg=--decode-processes=2 --worker-arg=--gpu-decode > /dev/null
 fi
 
 if [ "${QUICK:-0}" != 1 ]; then
