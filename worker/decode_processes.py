@@ -25,6 +25,7 @@ import logging
 import math
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -215,6 +216,8 @@ class ProcessDecoder:
 
 def _serve(pipe: Connection, shared_name: str) -> None:
     """A decoding process: attach the shared block, then decode batches from `pipe` until it closes."""
+    # Ctrl-C reaches the whole process group: the worker shuts down and closes the pipe, which ends this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Spawned children share the parent's resource tracker, which already tracks this block: the
     # parent unlinks it once, at close.
     shared = SharedMemory(name=shared_name)
