@@ -125,6 +125,7 @@ class ModelServer:
         self._reply_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._infer_running = 0
+        self._engine_busy = 0  # batches in the infer stage's hands right now
         self._consumer: PullConsumer | None = None
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
         self.batches_run = 0
@@ -323,8 +324,15 @@ class ModelServer:
                 if self._stopping.is_set():
                     await self._release_unstarted(batch.requests)
                     continue
-                if self._gpu_prep_pool is not None and (batch.encoded is not None or batch.pixels):
+                engine_idle = self._engine_busy == 0 and self._batches.empty()
+                if (
+                    self._gpu_prep_pool is not None
+                    and (batch.encoded is not None or batch.pixels)
+                    and not engine_idle
+                ):
                     # Decode on the GPU now, on its own stream, while the engine runs the batch before.
+                    # With the engine idle there is nothing to overlap: the infer thread decodes it,
+                    # which saves a lone request a round trip through this thread (idle latency).
                     await asyncio.get_running_loop().run_in_executor(
                         self._gpu_prep_pool, self._prepare_on_gpu, batch
                     )
@@ -426,37 +434,46 @@ class ModelServer:
             self._room.set()
             if batch is None:
                 break
-            batch = await self._drop_expired(batch)
-            if batch is None:
-                continue
-            loaded = self._slot.acquire()
-            started = time.time()
-            t0 = time.perf_counter()
+            self._engine_busy += 1
             try:
-                results = await self._run_batch(loaded, batch)
+                await self._infer_one(batch)
             finally:
-                self._slot.release(loaded)
-            infer_s = time.perf_counter() - t0
-            version = str(loaded.number)
-            self._metrics.batch_size.labels(model=self.model, version=version).observe(batch.frames)
-            self._metrics.inference.labels(model=self.model, version=version).observe(infer_s)
-            for request in batch.requests:
-                self._queue_wait.observe(max(0.0, started - request.enqueued_at))
-            self.batches_run += 1
-            failed = [r for r in results if isinstance(r, RequestError)]
-            if failed:
-                logger.warning(
-                    "model %s v%s: %d of %d requests failed: %s",
-                    self.model,
-                    version,
-                    len(failed),
-                    len(results),
-                    failed[0],
-                )
-            await self._done.put(_Done(batch, version, started, infer_s, results))
+                self._engine_busy -= 1
         self._infer_running -= 1
         if self._infer_running == 0:  # the last infer task to end tells the reply stage
             await self._done.put(_STOP)
+
+    async def _infer_one(self, batch: Batch) -> None:
+        """Run one batch from the queue and hand its results to the reply stage."""
+        kept = await self._drop_expired(batch)
+        if kept is None:
+            return
+        batch = kept
+        loaded = self._slot.acquire()
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            results = await self._run_batch(loaded, batch)
+        finally:
+            self._slot.release(loaded)
+        infer_s = time.perf_counter() - t0
+        version = str(loaded.number)
+        self._metrics.batch_size.labels(model=self.model, version=version).observe(batch.frames)
+        self._metrics.inference.labels(model=self.model, version=version).observe(infer_s)
+        for request in batch.requests:
+            self._queue_wait.observe(max(0.0, started - request.enqueued_at))
+        self.batches_run += 1
+        failed = [r for r in results if isinstance(r, RequestError)]
+        if failed:
+            logger.warning(
+                "model %s v%s: %d of %d requests failed: %s",
+                self.model,
+                version,
+                len(failed),
+                len(results),
+                failed[0],
+            )
+        await self._done.put(_Done(batch, version, started, infer_s, results))
 
     async def _drop_expired(self, batch: Batch) -> Batch | None:
         now = time.time()
