@@ -108,6 +108,8 @@ class BenchPoint:
     mean_batch: float | None = None
     batches: int | None = None
     gpu_memory_before_bytes: float | None = None
+    #: Medians of the replies' worker timings (queue_ms, infer_ms, total_ms); one load process only.
+    worker_timing_p50_ms: dict[str, float] = field(default_factory=dict)
     gpu_memory_after_bytes: float | None = None
     round: int = 1
 
@@ -118,6 +120,8 @@ class _Tally:
 
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    #: Where given, each reply's worker timings (queue_ms, infer_ms, total_ms) by name.
+    timings: dict[str, list[float]] | None = None
 
     async def request(
         self,
@@ -132,11 +136,14 @@ class _Tally:
     ) -> None:
         """Send one request; record its latency from `since`, or its failure, whatever it is."""
         try:
-            await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
+            reply = await client.infer(model, payload, timeout=timeout_s, input_name=input_name)
         except Exception as exc:  # a load generator counts failures, it never stops on one
             self.errors[getattr(exc, "code", None) or type(exc).__name__] += 1
             return
         self.latencies.append(time.perf_counter() - since)
+        if self.timings is not None:
+            for name, value in reply.timing.items():
+                self.timings.setdefault(name, []).append(value)
         if progress is not None:
             progress.update()
 
@@ -151,9 +158,13 @@ async def closed_loop(
     timeout_s: float = 30.0,
     progress: Any = None,
     input_name: str = "input",
+    timings: dict[str, list[float]] | None = None,
 ) -> tuple[list[float], Counter[str], float]:
-    """`concurrency` users each sending a request as soon as the previous one is answered."""
-    tally = _Tally()
+    """`concurrency` users each sending a request as soon as the previous one is answered.
+
+    `timings`, where given, collects the worker's timings of each reply by name.
+    """
+    tally = _Tally(timings=timings)
     deadline = time.perf_counter() + duration_s
 
     async def user() -> None:
@@ -183,9 +194,13 @@ async def open_loop(
     timeout_s: float = 30.0,
     progress: Any = None,
     input_name: str = "input",
+    timings: dict[str, list[float]] | None = None,
 ) -> tuple[list[float], Counter[str], float]:
-    """Requests sent at `rate` per second regardless of replies; latency counts from the scheduled time."""
-    tally = _Tally()
+    """Requests sent at `rate` per second regardless of replies; latency counts from the scheduled time.
+
+    `timings`, where given, collects the worker's timings of each reply by name.
+    """
+    tally = _Tally(timings=timings)
     total = max(1, int(rate * duration_s))
     started = time.perf_counter()
 
@@ -497,6 +512,7 @@ async def _run_levels(
                 file=sys.stderr,
                 disable=args.no_progress,
             )
+            timings: dict[str, list[float]] = {}
             if args.clients > 1:
                 lat, errors, elapsed = await _multi_process_level(args, url, payload, level)
             elif args.rate:
@@ -508,6 +524,7 @@ async def _run_levels(
                     duration_s=args.duration_s,
                     progress=progress,
                     input_name=args.input_name,
+                    timings=timings,
                 )
             else:
                 lat, errors, elapsed = await closed_loop(
@@ -518,11 +535,15 @@ async def _run_levels(
                     duration_s=args.duration_s,
                     progress=progress,
                     input_name=args.input_name,
+                    timings=timings,
                 )
             progress.close()
             point = BenchPoint(
                 mode, float(level), summarize(lat, elapsed, frames_per_request=frames, errors=errors)
             )
+            point.worker_timing_p50_ms = {
+                name: round(statistics.median(values), 3) for name, values in timings.items() if values
+            }
             if metrics_urls and before is not None:
                 after = _scrape_all(metrics_urls)
                 point.batches = int(after["batches"] - before["batches"])

@@ -83,6 +83,10 @@ def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path:
         assert point["summary"]["errors"] == {}
     worker_points = [p for p in report["points"] if p["mode"] == "worker"]
     assert all(p["batches"] and p["mean_batch"] >= 1 for p in worker_points)
+    for point in worker_points:  # the worker's own timings of its replies, for the idle breakdown
+        timing = point["worker_timing_p50_ms"]
+        assert set(timing) == {"queue_ms", "infer_ms", "total_ms"}
+        assert 0 < timing["infer_ms"] <= timing["total_ms"] <= point["summary"]["max_ms"]
     assert report["engine_only"][0]["batch"] == 16
     assert "ratio worker/bare loop" in result.stdout
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,6 +41,13 @@ def main(out: Path) -> None:
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
             if "idle" in name:
                 idle_p50[name] = s["p50_ms"]
+                timing = point.get("worker_timing_p50_ms") or {}
+                if timing:  # where the time goes: the worker's own view of each reply
+                    parts = ", ".join(f"{key} {value:.2f}" for key, value in sorted(timing.items()))
+                    print(
+                        f"{'':<22} worker p50 ms: {parts}; client p50 minus total_ms: "
+                        f"{s['p50_ms'] - timing.get('total_ms', 0.0):.2f}"
+                    )
     memory_files = sorted(out.glob("memory-*.txt"))
     if memory_files:
         print(f"\n{'GPU MiB used, whole run':<34} {'at 40%':>7} {'at 70%':>7} {'last':>7} {'max':>7}")
