@@ -37,9 +37,8 @@ from prometheus_client import Counter, Histogram
 
 from jetinfer.errors import BackendError, DeadlineExceededError, RequestError
 from jetinfer.protocol import (
-    CONTENT_TYPE_JPEG,
-    HEADER_CONTENT_TYPE,
     HEADER_MSG_ID,
+    IMAGE_CONTENT_TYPES,
     Limits,
     encode_error,
     encode_outputs,
@@ -54,7 +53,14 @@ from worker.metrics import WorkerMetrics
 from worker.preprocess import decode_pixels
 from worker.reload import LoadedModel, ModelSlot
 from worker.replies import publish_reply
-from worker.requests import PreparedRequest, check_deadline, prepare_request
+from worker.requests import (
+    PreparedRequest,
+    check_deadline,
+    is_jpeg,
+    leaves_encoded,
+    prepare_request,
+    request_content_type,
+)
 from worker.settings import WorkerSettings
 
 __all__ = ["ModelServer"]
@@ -83,7 +89,7 @@ class _Done:
 
 def _few_jpegs(images: list[bytes]) -> bool:
     """A batch small enough to decode on the GPU when decoding processes are there too."""
-    return len(images) <= _GPU_DECODE_UP_TO and all(image[:3] == b"\xff\xd8\xff" for image in images)
+    return len(images) <= _GPU_DECODE_UP_TO and all(is_jpeg(image) for image in images)
 
 
 def _request_error(exc: BaseException) -> RequestError:
@@ -260,10 +266,10 @@ class ModelServer:
         cpu_images = 0
         tensor_bytes = 0
         for m in msgs:
-            content_type = m.headers.get(HEADER_CONTENT_TYPE, "") if m.headers else ""
-            if not content_type.startswith("image/"):
+            content_type = request_content_type(m.headers)
+            if content_type not in IMAGE_CONTENT_TYPES:
                 tensor_bytes += len(m.data)
-            elif not (deferred or (gpu_jpeg and content_type.startswith(CONTENT_TYPE_JPEG))):
+            elif not leaves_encoded(content_type, m.data, gpu_jpeg=gpu_jpeg, defer_images=deferred):
                 cpu_images += 1
         if cpu_images == 0 and tensor_bytes <= _INLINE_PREPARE_BYTES:
             # Nothing to decode, little to copy: checks and msgpack parsing are pure Python, which holds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -37,7 +38,14 @@ from jetinfer.repository import ModelConfig
 from worker.consumer import delivery_info
 from worker.preprocess import decode_pixels, preprocess_image
 
-__all__ = ["PreparedRequest", "check_deadline", "prepare_request"]
+__all__ = [
+    "PreparedRequest",
+    "check_deadline",
+    "is_jpeg",
+    "leaves_encoded",
+    "prepare_request",
+    "request_content_type",
+]
 
 _REPLY_SUBJECT: Final = re.compile(r"[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*")
 
@@ -67,6 +75,22 @@ class PreparedRequest:
         if self.pixels:
             return tuple(sorted((f"pixels:{n}", tuple(a.shape[1:])) for n, a in self.inputs.items()))
         return tuple(sorted((name, tuple(arr.shape[1:])) for name, arr in self.inputs.items()))
+
+
+def request_content_type(headers: Mapping[str, str] | None) -> str:
+    """A message's Content-Type without parameters, lower-case (application/msgpack when absent)."""
+    return (headers or {}).get(HEADER_CONTENT_TYPE, CONTENT_TYPE_MSGPACK).split(";")[0].strip().lower()
+
+
+def is_jpeg(data: bytes) -> bool:
+    """Whether `data` starts like a JPEG (SOI marker, then another marker)."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def leaves_encoded(content_type: str, data: bytes, *, gpu_jpeg: bool, defer_images: bool) -> bool:
+    """Whether an image request is left encoded here, to be decoded with its batch: by nvJPEG
+    (`gpu_jpeg`, JPEGs only) or by the decoding processes (`defer_images`, any image)."""
+    return defer_images or (gpu_jpeg and content_type == CONTENT_TYPE_JPEG and is_jpeg(data))
 
 
 def check_deadline(request: PreparedRequest, now: float | None = None) -> None:
@@ -138,16 +162,14 @@ def prepare_request(
                     f"{HEADER_DEADLINE} must be epoch milliseconds, got {deadline[:32]!r}"
                 ) from None
             check_deadline(request)
-        content_type = headers.get(HEADER_CONTENT_TYPE, CONTENT_TYPE_MSGPACK).split(";")[0].strip().lower()
+        content_type = request_content_type(headers)
         request.content_type = content_type
         if content_type in IMAGE_CONTENT_TYPES:
             if config.preprocess is None:
                 raise InvalidInputError(f"model {config.name} takes tensors, not {content_type} images")
             if len(msg.data) > limits.max_bytes:
                 raise TooLargeError(f"image of {len(msg.data)} bytes is over {limits.max_bytes}")
-            if defer_images or (
-                gpu_jpeg and content_type == CONTENT_TYPE_JPEG and msg.data[:3] == b"\xff\xd8\xff"
-            ):
+            if leaves_encoded(content_type, msg.data, gpu_jpeg=gpu_jpeg, defer_images=defer_images):
                 request.encoded = bytes(msg.data)
                 request.frames = 1
             elif gpu_pixels:
