@@ -67,7 +67,6 @@ class ProcessDecoder:
     ) -> None:
         if processes < 1 or max_frames < 1 or slots < 1:
             raise ValueError("processes, max_frames and slots must be at least 1")
-        self.config = config
         self.processes = processes
         self.max_frames = max_frames
         self.timeout_s = timeout_s

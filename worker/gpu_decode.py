@@ -41,11 +41,11 @@ class GpuNormaliser:
             import torch
         except ImportError as exc:
             raise ModelLoadError(f"GPU preprocessing needs torch: {exc}") from exc
-        self.max_frames = max_frames
         if not torch.cuda.is_available():
             raise ModelLoadError("GPU preprocessing needs a CUDA GPU; none is visible")
         self._torch = torch
         self.config = config
+        self.max_frames = max_frames
         self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
         # Its own stream: preprocessing the next batch overlaps the model running the current one.
         cuda: Any = torch.cuda  # torch.cuda.Stream has no annotations
