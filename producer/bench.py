@@ -108,9 +108,9 @@ class BenchPoint:
     mean_batch: float | None = None
     batches: int | None = None
     gpu_memory_before_bytes: float | None = None
+    gpu_memory_after_bytes: float | None = None
     #: Medians of the replies' worker timings (queue_ms, infer_ms, total_ms); one load process only.
     worker_timing_p50_ms: dict[str, float] = field(default_factory=dict)
-    gpu_memory_after_bytes: float | None = None
     round: int = 1
 
 

@@ -12,13 +12,13 @@ Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 
 import numpy as np
 
 from jetinfer.repository import PreprocessConfig
+from producer.bench import _cat_jpeg
 from worker.decode_processes import ProcessDecoder
 from worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
 from worker.preprocess import decode_pixels
@@ -26,16 +26,6 @@ from worker.preprocess import decode_pixels
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
 )
-
-
-def cat_jpeg() -> bytes:
-    """The cat photo at 224x224, JPEG quality 90 (what `jetinfer bench` sends)."""
-    import skimage.data
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(skimage.data.chelsea()).resize((224, 224)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -55,7 +45,7 @@ def main() -> None:
 
 def cpu_decoders(batch: int, seconds: float, counts: list[int]) -> None:
     """Pillow in this process, then a pool of decoding processes feeding the GPU normaliser."""
-    image = cat_jpeg()
+    image = _cat_jpeg(224)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         decode_pixels(image, CONFIG)
@@ -86,7 +76,7 @@ def cpu_decoders(batch: int, seconds: float, counts: list[int]) -> None:
 
 def gpu_decoders(batch: int, seconds: float) -> None:
     """nvJPEG through torchvision, then nvImageCodec; their agreement."""
-    images = [cat_jpeg()] * batch
+    images = [_cat_jpeg(224)] * batch
     outputs = {}
     for flag in ("0", "1"):
         os.environ["JETINFER_NVIMGCODEC"] = flag
