@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from producer.bench import _engine_only, embedded_stack, scrape_worker_metrics
+from jetinfer.producer.bench import _engine_only, embedded_stack, scrape_worker_metrics
 
 MODEL = "efficientnet_lite0"
 #: A worker deployed for batch jobs: throughput before a lone request's latency (two batches at once).

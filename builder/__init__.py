@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from builder.build import BuildOptions, BuildResult, build, load_config_file
-from builder.demo_models import MissingDependencyError, imagenet_labels
-from builder.export import ExportResult, export_demo
-from builder.models import RepositoryReport, format_report, inspect_repository
+from .build import BuildOptions, BuildResult, build, load_config_file
+from .demo_models import MissingDependencyError, imagenet_labels
+from .export import ExportResult, export_demo
+from .models import RepositoryReport, format_report, inspect_repository
 
 if TYPE_CHECKING:
-    from builder.sidecar import Sidecar, SidecarSettings, WorkerAnswer, run_sidecar
+    from .sidecar import Sidecar, SidecarSettings, WorkerAnswer, run_sidecar
 
 __all__ = [
     "BuildOptions",
@@ -43,5 +43,5 @@ _SIDECAR_NAMES = frozenset({"Sidecar", "SidecarSettings", "WorkerAnswer", "run_s
 
 def __getattr__(name: str) -> Any:
     if name in _SIDECAR_NAMES:
-        return getattr(importlib.import_module("builder.sidecar"), name)
+        return getattr(importlib.import_module(".sidecar", __package__), name)
     raise AttributeError(f"module 'builder' has no attribute {name!r}")

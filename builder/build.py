@@ -26,17 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from builder.demo_models import DEMO_MODELS, MissingDependencyError
-from builder.export import export_onnx, producer_versions
-from builder.onnx_tools import (
+from jetinfer.errors import JetinferError, RepositoryError
+from jetinfer.repository import ModelConfig, ModelVersion, prune_versions, write_version
+
+from .demo_models import DEMO_MODELS, MissingDependencyError
+from .export import export_onnx, producer_versions
+from .onnx_tools import (
     check_signature,
     config_from_signature,
     open_session,
     read_signature,
     smoke_run,
 )
-from jetinfer.errors import JetinferError, RepositoryError
-from jetinfer.repository import ModelConfig, ModelVersion, prune_versions, write_version
 
 __all__ = [
     "BACKENDS",
@@ -144,7 +145,7 @@ def _missing(backend: str, exc: ImportError, hint: str) -> MissingDependencyErro
     name = exc.name or str(exc)
     what = (
         f"module {name}, which this installation lacks"
-        if name.startswith("builder.")
+        if name.startswith(f"{__package__}.")
         else f"package {name!r}, which is not installed here"
     )
     return MissingDependencyError(f"--backend {backend} needs {what}; {hint}")
@@ -156,14 +157,14 @@ _TORCH_HINT: Final = "model.pt2 is built where torch is installed (the export ex
 
 def _load_tensorrt_backend() -> Any:
     try:
-        return importlib.import_module("builder.tensorrt_engine").build_engine
+        return importlib.import_module(".tensorrt_engine", __package__).build_engine
     except ImportError as exc:
         raise _missing("tensorrt", exc, _TENSORRT_HINT) from exc
 
 
 def _load_torch_backend() -> Any:
     try:
-        return importlib.import_module("builder.torch_export").export_pt2
+        return importlib.import_module(".torch_export", __package__).export_pt2
     except ImportError as exc:
         raise _missing("torch", exc, _TORCH_HINT) from exc
 

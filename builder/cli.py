@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder.build import BACKENDS, BuildOptions, build, load_config_file
-from builder.demo_models import DEMO_MODELS, MissingDependencyError
-from builder.models import format_bytes, format_report, inspect_repository
 from jetinfer.errors import JetinferError
 from jetinfer.settings import add_arguments, load_settings
+
+from .build import BACKENDS, BuildOptions, build, load_config_file
+from .demo_models import DEMO_MODELS, MissingDependencyError
+from .models import format_bytes, format_report, inspect_repository
 
 __all__ = ["register"]
 
@@ -64,7 +65,7 @@ def _add_repository(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_demo(args: argparse.Namespace) -> int:
-    from builder.export import DEFAULT_DEMO_MODELS, export_demo, summarize
+    from .export import DEFAULT_DEMO_MODELS, export_demo, summarize
 
     names = [n.strip() for n in (args.models or ",".join(DEFAULT_DEMO_MODELS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in DEMO_MODELS]
@@ -265,14 +266,14 @@ def _register_models(subparsers: Any) -> None:
 
 
 def _sidecar(args: argparse.Namespace) -> int:
-    from builder.sidecar import SidecarSettings, run_sidecar
+    from .sidecar import SidecarSettings, run_sidecar
 
     settings = load_settings(SidecarSettings, args)
     return asyncio.run(run_sidecar(settings))
 
 
 def _register_sidecar(subparsers: Any) -> None:
-    from builder.sidecar import SidecarSettings
+    from .sidecar import SidecarSettings
 
     parser = subparsers.add_parser(
         "sidecar",

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 
 import numpy as np
 
-from builder.demo_models import DEMO_MODELS, MissingDependencyError
-from builder.models import format_bytes
-from builder.onnx_tools import check_signature, open_session, read_signature, smoke_run
 from jetinfer.errors import RepositoryError
 from jetinfer.repository import ModelConfig, ModelRepository, write_version
+
+from .demo_models import DEMO_MODELS, MissingDependencyError
+from .models import format_bytes
+from .onnx_tools import check_signature, open_session, read_signature, smoke_run
 
 if TYPE_CHECKING:
     import torch

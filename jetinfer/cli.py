@@ -22,11 +22,11 @@ __all__ = ["COMMAND_MODULES", "QUIET_COMMANDS", "build_parser", "main"]
 QUIET_COMMANDS: Final = frozenset({"demo", "infer", "video", "bench", "engine-bench", "models"})
 
 COMMAND_MODULES: Final = (
-    "worker.cli",
-    "worker.engine_bench",
-    "producer.cli",
-    "producer.bench",
-    "builder.cli",
+    "jetinfer.worker.cli",
+    "jetinfer.worker.engine_bench",
+    "jetinfer.producer.cli",
+    "jetinfer.producer.bench",
+    "jetinfer.builder.cli",
     "jetinfer.demo",
 )
 

@@ -1,10 +1,10 @@
 """The jetinfer client library (async and sync) and the producer CLIs."""
 
-from producer.client import Client, Payload, encode_payload
-from producer.metrics import ClientMetrics
-from producer.settings import ProducerSettings
-from producer.sync import SyncClient
-from producer.video import Frame, FrameResult, read_frames, video_job
+from .client import Client, Payload, encode_payload
+from .metrics import ClientMetrics
+from .settings import ProducerSettings
+from .sync import SyncClient
+from .video import Frame, FrameResult, read_frames, video_job
 
 __all__ = [
     "Client",

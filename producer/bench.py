@@ -37,7 +37,8 @@ from jetinfer.errors import SettingsError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
 from jetinfer.settings import ConnectionSettings, require
-from producer.client import Client, Payload
+
+from .client import Client, Payload
 
 __all__ = [
     "BenchPoint",
@@ -415,7 +416,7 @@ async def embedded_stack(
                     command = [
                         sys.executable,
                         "-m",
-                        "worker.bare_loop",
+                        "jetinfer.worker.bare_loop",
                         "--nats-url",
                         server.url,
                         "--model",

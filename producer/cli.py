@@ -13,8 +13,9 @@ import numpy as np
 from jetinfer.errors import RequestError
 from jetinfer.labels import imagenet_labels, top_k
 from jetinfer.settings import add_arguments, load_settings
-from producer.client import Client
-from producer.settings import ProducerSettings
+
+from .client import Client
+from .settings import ProducerSettings
 
 __all__ = ["register"]
 
@@ -131,7 +132,7 @@ async def _infer(
 
 
 def _video_command(args: argparse.Namespace) -> int:
-    from producer.video import default_job_id
+    from .video import default_job_id
 
     settings = load_settings(ProducerSettings, args)
     if not args.input.exists():
@@ -152,7 +153,7 @@ async def _video(
 
     from tqdm import tqdm
 
-    from producer.video import read_frames, result_line, video_job
+    from .video import read_frames, result_line, video_job
 
     frames = list(read_frames(args.input, every_n=args.every_n, fps=args.fps))
     started = time.perf_counter()

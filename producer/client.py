@@ -62,10 +62,11 @@ from jetinfer.protocol import (
 )
 from jetinfer.settings import ConnectionSettings
 from jetinfer.streams import INFER_STREAM, infer_subject
-from producer.metrics import ClientMetrics
+
+from .metrics import ClientMetrics
 
 if TYPE_CHECKING:
-    from producer.video import Frame, FrameResult
+    from .video import Frame, FrameResult
 
 __all__ = ["Client", "Payload", "encode_payload"]
 
@@ -439,7 +440,7 @@ class Client:
         `async for result in client.video("resnet50", read_frames(path), job="clip-1")` — see
         `producer.video.video_job`: replies are durable on RESULTS, so re-running the job sends only the rest.
         """
-        from producer.video import video_job
+        from .video import video_job
 
         return video_job(self, model, frames, job=job, in_flight=in_flight, stall_timeout_s=stall_timeout_s)
 

@@ -13,7 +13,8 @@ from typing import Any, Self, TypeVar
 
 from jetinfer.protocol import InferResponse
 from jetinfer.settings import ConnectionSettings
-from producer.client import Client, Payload
+
+from .client import Client, Payload
 
 __all__ = ["SyncClient"]
 

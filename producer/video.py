@@ -29,7 +29,8 @@ from jetinfer.errors import InvalidInputError
 from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import ensure_streams, results_subject
-from producer.client import Client
+
+from .client import Client
 
 __all__ = ["Frame", "FrameResult", "default_job_id", "read_frames", "result_line", "video_job"]
 

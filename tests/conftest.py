@@ -154,8 +154,8 @@ async def running_worker(
     url: str, repository: Path, models: list[str], **overrides: Any
 ) -> AsyncIterator[Any]:
     """A worker in this process, serving `models` (no metrics port unless asked)."""
-    from worker.service import Worker
-    from worker.settings import WorkerSettings
+    from jetinfer.worker.service import Worker
+    from jetinfer.worker.settings import WorkerSettings
 
     settings = WorkerSettings(
         nats_url=url,

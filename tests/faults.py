@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from jetinfer.errors import BackendError, RequestTimeoutError
-from worker.backends.onnxruntime import OnnxRuntimeBackend
+from jetinfer.worker.backends.onnxruntime import OnnxRuntimeBackend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAULTS_ENV = "JETINFER_TEST_FAULTS"
@@ -75,7 +75,7 @@ BACKEND = FaultyBackend
 
 def install(monkeypatch: Any, **config: Any) -> None:
     """Serve onnxruntime models through FaultyBackend with `config`, in this process (monkeypatch undoes)."""
-    from worker.backends.base import BACKEND_MODULES
+    from jetinfer.worker.backends.base import BACKEND_MODULES
 
     monkeypatch.setitem(BACKEND_MODULES, "onnxruntime", "tests.faults")
     monkeypatch.setenv(FAULTS_ENV, json.dumps(config))
@@ -214,7 +214,7 @@ def tally(markers: Sequence[int], results: Sequence[Any], duplicates: int) -> Ta
 def main() -> int:
     """`python -m tests.faults ARGS`: `jetinfer ARGS` with FaultyBackend serving onnxruntime models."""
     from jetinfer.cli import main as jetinfer_main
-    from worker.backends.base import BACKEND_MODULES
+    from jetinfer.worker.backends.base import BACKEND_MODULES
 
     BACKEND_MODULES["onnxruntime"] = "tests.faults"  # type: ignore[index]
     return jetinfer_main(sys.argv[1:])

@@ -28,8 +28,8 @@ from cryptography.x509.oid import NameOID
 
 from jetinfer.connection import connect
 from jetinfer.embedded import EmbeddedNatsServer
+from jetinfer.producer.client import Client
 from jetinfer.settings import ConnectionSettings
-from producer.client import Client
 from tests.conftest import running_worker
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from jetinfer.producer.client import Client
 from jetinfer.protocol import ErrorReply, InferResponse, decode_reply, request_headers
 from jetinfer.streams import infer_subject
-from producer.client import Client
 from tests.conftest import NatsUnderTest, running_worker
 
 GOOD = np.ones((1, 256), np.float32)

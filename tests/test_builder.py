@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-import builder
-import builder.cli
-from builder.build import BuildOptions, build, load_config_file
-from builder.demo_models import DEMO_MODELS, imagenet_labels, write_identity_onnx
-from builder.export import export_demo
+from jetinfer import builder
+from jetinfer.builder import cli as builder_cli
+from jetinfer.builder.build import BuildOptions, build, load_config_file
+from jetinfer.builder.demo_models import DEMO_MODELS, imagenet_labels, write_identity_onnx
+from jetinfer.builder.export import export_demo
 from jetinfer.errors import RepositoryError
 from jetinfer.repository import ModelRepository, sha256_file
 
@@ -36,7 +36,7 @@ def run_builder_cli(*argv: str) -> int:
     """Run one of the builder's subcommands in this process (its own parser, so only builder.cli)."""
     parser = argparse.ArgumentParser(prog="jetinfer")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    builder.cli.register(subparsers)
+    builder_cli.register(subparsers)
     args = parser.parse_args(list(argv))
     return int(args.handler(args))
 
@@ -50,13 +50,13 @@ def identity_onnx(tmp_path: Path) -> Path:
 
 def test_public_names_are_declared() -> None:
     for module_name in (
-        "builder.build",
-        "builder.cli",
-        "builder.demo_models",
-        "builder.export",
-        "builder.models",
-        "builder.onnx_tools",
-        "builder.sidecar",
+        "jetinfer.builder.build",
+        "jetinfer.builder.cli",
+        "jetinfer.builder.demo_models",
+        "jetinfer.builder.export",
+        "jetinfer.builder.models",
+        "jetinfer.builder.onnx_tools",
+        "jetinfer.builder.sidecar",
     ):
         module = importlib.import_module(module_name)
         for name in module.__all__:
@@ -324,7 +324,7 @@ def test_build_tensorrt_without_tensorrt_names_what_is_missing(
 def test_build_help_explains_every_option() -> None:
     parser = argparse.ArgumentParser(prog="jetinfer")
     subparsers = parser.add_subparsers(dest="command")
-    builder.cli.register(subparsers)
+    builder_cli.register(subparsers)
     for command in ("export-demo", "build", "models", "sidecar"):
         sub = subparsers.choices[command]
         for action in sub._actions:

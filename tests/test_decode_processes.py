@@ -20,8 +20,8 @@ from PIL import Image
 
 from jetinfer.errors import BackendError, InvalidInputError, TooLargeError
 from jetinfer.repository import PreprocessConfig
-from worker.decode_processes import ProcessDecoder
-from worker.preprocess import decode_pixels
+from jetinfer.worker.decode_processes import ProcessDecoder
+from jetinfer.worker.preprocess import decode_pixels
 
 CONFIG = PreprocessConfig(input="input", width=64, height=48, center_crop=0.875)
 
@@ -148,8 +148,8 @@ def test_images_left_for_the_decoding_processes_stay_encoded(images: list[bytes]
 
     from jetinfer.protocol import Limits, request_headers
     from jetinfer.repository import ModelConfig, TensorSpec
-    from worker.batcher import make_batches
-    from worker.requests import prepare_request
+    from jetinfer.worker.batcher import make_batches
+    from jetinfer.worker.requests import prepare_request
 
     config = ModelConfig(
         name="m",

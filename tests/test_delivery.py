@@ -19,9 +19,9 @@ import nats
 import pytest
 
 from jetinfer.embedded import EmbeddedNatsServer, free_port
+from jetinfer.producer.client import Client
 from jetinfer.settings import ConnectionSettings, StreamSettings
 from jetinfer.streams import INFER_STREAM, consumer_name, ensure_consumer, ensure_streams, register_model
-from producer.client import Client
 from tests import faults
 from tests.conftest import running_worker
 

@@ -145,7 +145,7 @@ def worker_setting(c: dict[str, Any], flag: str, default: Any) -> str:
 
 def worker_default(name: str) -> Any:
     """The default of a WorkerSettings field (what the worker uses when the manifest says nothing)."""
-    from worker.settings import WorkerSettings
+    from jetinfer.worker.settings import WorkerSettings
 
     field = {f.name: f for f in dataclasses.fields(WorkerSettings)}[name]
     return field.default
@@ -581,7 +581,7 @@ def test_disruption_budget_and_network_policy_select_the_workers() -> None:
 
 
 def test_metric_list_matches_what_the_worker_exports() -> None:
-    metrics = pytest.importorskip("worker.metrics")
+    metrics = pytest.importorskip("jetinfer.worker.metrics")
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jetinfer.labels import top_k
+from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository
-from producer.client import Client
 from tests.conftest import CAT_CLASSES, NatsUnderTest, running_worker
 
 
@@ -20,7 +20,7 @@ async def test_cat_jpeg_and_tensor_come_back_as_a_cat(
     repo, model = model_repo("efficientnet_lite0")
     config = ModelRepository(repo).config(model)
     assert config.preprocess is not None
-    from worker.preprocess import preprocess_image
+    from jetinfer.worker.preprocess import preprocess_image
 
     tensor = preprocess_image(cat_jpeg, config.preprocess)
     async with running_worker(nats_server.url, repo, [model]), Client(nats_server.url) as client:
@@ -69,7 +69,7 @@ async def test_multi_frame_request_keeps_frame_order(nats_server: NatsUnderTest,
 
 
 async def test_sync_client(nats_server: NatsUnderTest, model_repo: Any) -> None:
-    from producer.sync import SyncClient
+    from jetinfer.producer.sync import SyncClient
 
     repo, model = model_repo("identity")
     data = np.linspace(0, 1, 256, dtype=np.float32)[None]

@@ -15,6 +15,7 @@ import msgpack
 import nats
 
 from jetinfer.errors import BackendError
+from jetinfer.producer.client import Client
 from jetinfer.protocol import ErrorReply, decode_reply, request_headers
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import (
@@ -26,10 +27,9 @@ from jetinfer.streams import (
     infer_subject,
     register_model,
 )
-from producer.client import Client
+from jetinfer.worker.advisories import DeadLetters
 from tests import faults
 from tests.conftest import NatsUnderTest, running_worker
-from worker.advisories import DeadLetters
 
 
 def body(marker: int, request_id: str) -> bytes:

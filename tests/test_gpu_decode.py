@@ -13,8 +13,8 @@ import pytest
 
 from jetinfer.errors import ModelLoadError
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
+from jetinfer.worker.preprocess import decode_pixels, preprocess_image
 from tests.conftest import NatsUnderTest, running_worker
-from worker.preprocess import decode_pixels, preprocess_image
 
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)
@@ -40,7 +40,7 @@ def _gpu_decoder_or_skip() -> Any:
         pytest.skip(f"torch with torchvision is not installed here ({exc}); --gpu-decode needs both")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: --gpu-decode needs one")
-    from worker.gpu_decode import GpuJpegDecoder
+    from jetinfer.worker.gpu_decode import GpuJpegDecoder
 
     return GpuJpegDecoder(CONFIG)
 
@@ -100,7 +100,7 @@ def test_gpu_normalise_matches_the_cpu_path(cat_jpeg: bytes, layout: str) -> Non
         pytest.skip(f"torch is not installed here ({exc}); --gpu-normalise needs it")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: --gpu-normalise needs one")
-    from worker.gpu_decode import GpuNormaliser
+    from jetinfer.worker.gpu_decode import GpuNormaliser
 
     config = dataclasses.replace(CONFIG, layout=layout)  # type: ignore[arg-type]
     pixels = np.concatenate([decode_pixels(cat_jpeg, config)] * 3)
@@ -117,8 +117,8 @@ def test_images_for_gpu_normalise_are_pixels_in_their_own_batches(cat_jpeg: byte
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits, request_headers
-    from worker.batcher import make_batches
-    from worker.requests import prepare_request
+    from jetinfer.worker.batcher import make_batches
+    from jetinfer.worker.requests import prepare_request
 
     config = _image_model()
     ack = "$JS.ACK.INFER.worker-m.1.{0}.{0}.1732490000000000000.0"
@@ -149,7 +149,7 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits
-    from worker.requests import prepare_request
+    from jetinfer.worker.requests import prepare_request
 
     config = _image_model()
     msg = Msg(
@@ -183,7 +183,7 @@ async def test_a_worker_preprocessing_on_the_gpu_classifies_the_cat_and_isolates
     one corrupt JPEG among 40 good ones answered `invalid_input` while the others get the cat."""
     _gpu_decoder_or_skip()
     from jetinfer.errors import InvalidInputError
-    from producer.client import Client
+    from jetinfer.producer.client import Client
     from tests.conftest import CAT_CLASSES, run_cli
 
     repo = tmp_path / "repo"

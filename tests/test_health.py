@@ -18,11 +18,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from jetinfer.embedded import EmbeddedNatsServer, free_port
+from jetinfer.producer.client import Client
 from jetinfer.streams import reload_subject
-from producer.client import Client
+from jetinfer.worker.health import HealthServer
 from tests.conftest import running_worker
 from tests.test_metrics import http_get
-from worker.health import HealthServer
 
 
 async def wait_for(

@@ -26,6 +26,8 @@ from prometheus_client.samples import Sample
 
 from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import InvalidInputError, RequestTimeoutError, TooLargeError, UnknownModelError
+from jetinfer.producer.client import Client
+from jetinfer.producer.metrics import ClientMetrics
 from jetinfer.protocol import HEADER_STATUS
 from jetinfer.settings import ConnectionSettings, StreamSettings
 from jetinfer.streams import (
@@ -36,10 +38,8 @@ from jetinfer.streams import (
     register_model,
     reload_subject,
 )
-from producer.client import Client
-from producer.metrics import ClientMetrics
+from jetinfer.worker.metrics import GpuProbe, WorkerMetrics
 from tests.conftest import NatsUnderTest, running_worker
-from worker.metrics import GpuProbe, WorkerMetrics
 
 FRAME = 16  # values per frame of the identity model (its per-frame shape is [-1])
 

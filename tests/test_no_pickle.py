@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from jetinfer.errors import InvalidInputError, TooLargeError
+from jetinfer.producer.client import encode_payload
 from jetinfer.protocol import ErrorReply, decode_reply, decode_request, request_headers
 from jetinfer.streams import infer_subject
-from producer.client import encode_payload
 from tests.conftest import REPO_ROOT, NatsUnderTest, running_worker
 
 PACKAGES = ("jetinfer", "worker", "producer", "builder")

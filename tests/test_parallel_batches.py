@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository
-from producer.client import Client
+from jetinfer.worker.backends.base import load_backend
+from jetinfer.worker.engine_bench import engine_bench
 from tests.conftest import NatsUnderTest, running_worker
-from worker.backends.base import load_backend
-from worker.engine_bench import engine_bench
 
 
 def test_onnxruntime_on_the_cpu_runs_batches_as_the_setting_says(model_repo: Any) -> None:

@@ -255,7 +255,7 @@ def test_the_error_code_table_is_exactly_jetinfers_codes() -> None:
 
 
 def test_the_error_code_table_says_what_the_ack_policy_does() -> None:
-    from worker.consumer import AckAction, decide_ack
+    from jetinfer.worker.consumer import AckAction, decide_ack
 
     for code_cell, _meaning, who, retried, reply, dlq in table_rows("## Error codes", "code"):
         code = code_span(code_cell)
@@ -330,7 +330,7 @@ def test_the_dlq_headers_are_the_ones_the_worker_writes() -> None:
 
 
 def test_the_reload_answer_statuses_are_the_workers() -> None:
-    from worker.reload import ReloadResult
+    from jetinfer.worker.reload import ReloadResult
 
     rows = {row[0].strip("`"): row for row in table_rows("## Control subject", "field")}
     assert set(rows) == {"worker", "model", "status", "version", "message"}
@@ -412,7 +412,7 @@ def check_map(value: int, code: str) -> None:
 
 
 def check_pixels(value: int, code: str) -> None:
-    from worker.preprocess import MAX_IMAGE_PIXELS
+    from jetinfer.worker.preprocess import MAX_IMAGE_PIXELS
 
     assert value == MAX_IMAGE_PIXELS
     assert code == TooLargeError.code

@@ -7,7 +7,13 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ["jetinfer", "worker", "worker.backends", "producer", "builder"]
+PACKAGES = [
+    "jetinfer",
+    "jetinfer.worker",
+    "jetinfer.worker.backends",
+    "jetinfer.producer",
+    "jetinfer.builder",
+]
 
 
 def _modules() -> list[str]:

@@ -26,16 +26,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from builder.demo_models import write_identity_onnx
-from builder.sidecar import Sidecar, SidecarSettings
+from jetinfer.builder.demo_models import write_identity_onnx
+from jetinfer.builder.sidecar import Sidecar, SidecarSettings
 from jetinfer.errors import RepositoryError, SettingsError
+from jetinfer.producer.client import Client
 from jetinfer.repository import ModelConfig, ModelRepository, TensorSpec, write_version
 from jetinfer.streams import INFER_STREAM, consumer_name, reload_subject
-from producer.client import Client
+from jetinfer.worker.metrics import WorkerMetrics
+from jetinfer.worker.reload import LoadedModel, ModelSlot, ReloadResult
+from jetinfer.worker.settings import WorkerSettings
 from tests.conftest import NatsUnderTest, running_worker
-from worker.metrics import WorkerMetrics
-from worker.reload import LoadedModel, ModelSlot, ReloadResult
-from worker.settings import WorkerSettings
 
 # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -235,7 +235,7 @@ async def test_broken_versions_are_refused_with_their_reason_while_the_old_one_s
     garbage.write_bytes(b"\x08\x07this is not an onnx protobuf" * 64)
     printed = io.StringIO()
     nc = await nats.connect(nats_server.url)
-    caplog.set_level(logging.ERROR, logger="worker.reload")
+    caplog.set_level(logging.ERROR, logger="jetinfer.worker.reload")
     try:
         async with (
             running_worker(nats_server.url, repo, [model], worker_id="w-old") as worker,
@@ -572,7 +572,7 @@ async def test_when_every_allowed_version_is_broken_a_starting_worker_says_so_an
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo, model = policy_repo(tmp_path, {"latest": 1}, broken={3})
-    caplog.set_level(logging.WARNING, logger="worker.reload")
+    caplog.set_level(logging.WARNING, logger="jetinfer.worker.reload")
     slot, result, registry = await start(repo, model)
     assert (result.status, result.version, slot.ready) == ("refused", 0, False)
     assert result.message.startswith(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import builder.cli
-from builder.demo_models import identity_config, write_identity_onnx
-from builder.models import inspect_repository
+from jetinfer.builder import cli as builder_cli
+from jetinfer.builder.demo_models import identity_config, write_identity_onnx
+from jetinfer.builder.models import inspect_repository
 from jetinfer.errors import RepositoryError
 from jetinfer.repository import ModelRepository, prune_versions, sha256_file, write_version
 
@@ -19,7 +19,7 @@ from jetinfer.repository import ModelRepository, prune_versions, sha256_file, wr
 def run_models(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="jetinfer")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    builder.cli.register(subparsers)
+    builder_cli.register(subparsers)
     args = parser.parse_args(["models", *argv])
     return int(args.handler(args))
 
@@ -180,7 +180,7 @@ def test_models_ignores_invalid_names_and_non_numeric_versions_with_a_warning(
     (repo / "identity" / "latest").mkdir()
     (repo / "identity" / "007").mkdir()
     (repo / "identity" / ".tmp-4-deadbeef").mkdir()
-    with caplog.at_level(logging.WARNING, logger="builder.models"):
+    with caplog.at_level(logging.WARNING, logger="jetinfer.builder.models"):
         assert run_models("--repository", str(repo), "--json") == 0
     report = json.loads(capsys.readouterr().out)
     ignored = {Path(entry["path"]).name: entry["reason"] for entry in report["ignored"]}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.client import Client
+from jetinfer.producer.client import Client
 from tests.conftest import NatsUnderTest, running_worker
 
 

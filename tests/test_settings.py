@@ -9,7 +9,7 @@ import pytest
 
 from jetinfer.errors import SettingsError
 from jetinfer.settings import ConnectionSettings, add_arguments, load_settings
-from worker.settings import WorkerSettings
+from jetinfer.worker.settings import WorkerSettings
 
 
 def parse(cls: type, argv: list[str]) -> argparse.Namespace:

@@ -18,9 +18,9 @@ from typing import Any
 import nats
 import pytest
 
-import builder.cli
-from builder.demo_models import identity_config, write_identity_onnx
-from builder.sidecar import Sidecar, SidecarSettings, WorkerAnswer
+from jetinfer.builder import cli as builder_cli
+from jetinfer.builder.demo_models import identity_config, write_identity_onnx
+from jetinfer.builder.sidecar import Sidecar, SidecarSettings, WorkerAnswer
 from jetinfer.errors import SettingsError
 from jetinfer.repository import ModelRepository, ModelVersion, write_version
 from jetinfer.streams import reload_subject
@@ -124,7 +124,7 @@ async def test_a_half_copied_version_is_taken_only_when_complete(
         settings_for(nats_server.url, source, repo, answer_wait_s=0.1), out=io.StringIO()
     ) as sidecar:
         assert (await sidecar.poll()).waiting == [(name, 1)]
-        with caplog.at_level(logging.WARNING, logger="builder.sidecar"):
+        with caplog.at_level(logging.WARNING, logger="jetinfer.builder.sidecar"):
             stalled = await sidecar.poll()
         assert [(r.model, r.version) for r in stalled.refused] == [(name, 1)]
         assert "checksum mismatch" in stalled.refused[0].reason
@@ -183,7 +183,7 @@ def test_sidecar_cli_once(
     name = f"once-{unique}"
     add_source_version(source, name, onnx_file, 1)
     parser = argparse.ArgumentParser(prog="jetinfer")
-    builder.cli.register(parser.add_subparsers(dest="command", required=True))
+    builder_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
         [
             "sidecar",

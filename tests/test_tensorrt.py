@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builder.tensorrt_engine import (
+from jetinfer.builder.tensorrt_engine import (
     build_engine,
     calibration_batches,
     calibration_files,
@@ -28,10 +28,10 @@ from builder.tensorrt_engine import (
 )
 from jetinfer.errors import BackendError, ModelLoadError, SettingsError
 from jetinfer.repository import ModelConfig, ModelVersion, PreprocessConfig, TensorSpec, write_version
-from worker.backends import cuda
-from worker.backends.base import load_backend
-from worker.backends.tensorrt import check_compatibility, import_tensorrt, same_release
-from worker.preprocess import preprocess_image
+from jetinfer.worker.backends import cuda
+from jetinfer.worker.backends.base import load_backend
+from jetinfer.worker.backends.tensorrt import check_compatibility, import_tensorrt, same_release
+from jetinfer.worker.preprocess import preprocess_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

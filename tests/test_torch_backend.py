@@ -11,12 +11,12 @@ import pytest
 
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError, SettingsError, TooLargeError
 from jetinfer.repository import ModelConfig, ModelVersion, TensorSpec, write_version
-from worker.backends.base import load_backend
+from jetinfer.worker.backends.base import load_backend
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the export extra)")
 
-from builder.torch_export import export_pt2  # noqa: E402
-from worker.backends.torch import TorchBackend, batch_buckets  # noqa: E402
+from jetinfer.builder.torch_export import export_pt2  # noqa: E402
+from jetinfer.worker.backends.torch import TorchBackend, batch_buckets  # noqa: E402
 
 MAX_BATCH = 8
 CUDA = torch.cuda.is_available()
@@ -94,7 +94,7 @@ def test_buckets_are_powers_of_two_then_max_batch() -> None:
 
 
 def test_large_batches_are_staged_on_several_threads() -> None:
-    from worker.backends.cuda import stage
+    from jetinfer.worker.backends.cuda import stage
 
     src = np.random.default_rng(0).standard_normal((37, 3, 112, 112)).astype(np.float32)  # 5.6 MB
     big = np.concatenate([src, src])  # over the 8 MiB threshold: copied in row chunks
@@ -109,7 +109,7 @@ def test_staging_threads_end_at_shutdown_and_come_back_when_needed() -> None:
     import threading
     import time
 
-    from worker.backends.cuda import shutdown_staging, stage
+    from jetinfer.worker.backends.cuda import shutdown_staging, stage
 
     def staging_threads() -> int:
         return sum(1 for t in threading.enumerate() if t.name.startswith("jetinfer-stage") and t.is_alive())

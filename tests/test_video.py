@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.client import Client
-from producer.video import read_frames, video_job
+from jetinfer.producer.client import Client
+from jetinfer.producer.video import read_frames, video_job
 from tests.conftest import NatsUnderTest, run_cli, running_worker
 
 FRAMES = 40

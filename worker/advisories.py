@@ -34,7 +34,8 @@ from jetinfer.errors import BackendError, RetryableError
 from jetinfer.protocol import HEADER_MSG_ID, HEADER_REPLY_TO, encode_error
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject, infer_subject
-from worker.replies import publish_reply, valid_reply_subject
+
+from .replies import publish_reply, valid_reply_subject
 
 __all__ = ["ADVISORY_QUEUE", "DeadLetters", "max_deliveries_subject"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.requests import PreparedRequest
+from .requests import PreparedRequest
 
 __all__ = ["Batch", "make_batches", "split_outputs"]
 

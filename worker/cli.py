@@ -17,8 +17,9 @@ import time
 from typing import Any
 
 from jetinfer.settings import add_arguments, load_settings
-from worker.service import Worker
-from worker.settings import WorkerSettings
+
+from .service import Worker
+from .settings import WorkerSettings
 
 __all__ = ["register", "serve"]
 

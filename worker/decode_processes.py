@@ -39,7 +39,8 @@ import numpy.typing as npt
 
 from jetinfer.errors import BackendError, InvalidInputError, RequestError
 from jetinfer.repository import PreprocessConfig
-from worker.preprocess import decode_pixels
+
+from .preprocess import decode_pixels
 
 __all__ = ["ProcessDecoder"]
 

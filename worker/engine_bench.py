@@ -22,7 +22,8 @@ import numpy as np
 
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
-from worker.backends.base import load_backend
+
+from .backends.base import load_backend
 
 __all__ = ["engine_bench", "register"]
 

@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError
 from jetinfer.repository import PreprocessConfig
-from worker.backends.cuda import env_flag
+
+from .backends.cuda import env_flag
 
 __all__ = ["GpuJpegDecoder", "GpuNormaliser"]
 

@@ -45,15 +45,16 @@ from jetinfer.protocol import (
 )
 from jetinfer.repository import PreprocessConfig
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject
-from worker.batcher import Batch, make_batches, split_outputs
-from worker.consumer import AckAction, PullConsumer, Received, decide_ack
-from worker.decode_processes import ProcessDecoder
-from worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
-from worker.metrics import WorkerMetrics
-from worker.preprocess import decode_pixels
-from worker.reload import LoadedModel, ModelSlot
-from worker.replies import publish_reply
-from worker.requests import (
+
+from .batcher import Batch, make_batches, split_outputs
+from .consumer import AckAction, PullConsumer, Received, decide_ack
+from .decode_processes import ProcessDecoder
+from .gpu_decode import GpuJpegDecoder, GpuNormaliser
+from .metrics import WorkerMetrics
+from .preprocess import decode_pixels
+from .reload import LoadedModel, ModelSlot
+from .replies import publish_reply
+from .requests import (
     PreparedRequest,
     check_deadline,
     is_jpeg,
@@ -61,7 +62,7 @@ from worker.requests import (
     prepare_request,
     request_content_type,
 )
-from worker.settings import WorkerSettings
+from .settings import WorkerSettings
 
 __all__ = ["ModelServer"]
 

@@ -32,8 +32,9 @@ import numpy as np
 from jetinfer.errors import JetinferError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelConfig, ModelRepository, ModelVersion
-from worker.backends.base import Backend, load_backend
-from worker.metrics import WorkerMetrics
+
+from .backends.base import Backend, load_backend
+from .metrics import WorkerMetrics
 
 __all__ = ["LoadedModel", "ModelSlot", "ReloadResult", "check_outputs"]
 

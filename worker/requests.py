@@ -35,8 +35,9 @@ from jetinfer.protocol import (
     decode_request,
 )
 from jetinfer.repository import ModelConfig
-from worker.consumer import delivery_info
-from worker.preprocess import decode_pixels, preprocess_image
+
+from .consumer import delivery_info
+from .preprocess import decode_pixels, preprocess_image
 
 __all__ = [
     "PreparedRequest",

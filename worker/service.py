@@ -37,13 +37,14 @@ from jetinfer.streams import (
     register_model,
     reload_subject,
 )
-from worker.advisories import DeadLetters
-from worker.backends import cuda
-from worker.health import HealthServer
-from worker.metrics import GpuProbe, WorkerMetrics
-from worker.pipeline import ModelServer
-from worker.reload import ModelSlot
-from worker.settings import WorkerSettings
+
+from .advisories import DeadLetters
+from .backends import cuda
+from .health import HealthServer
+from .metrics import GpuProbe, WorkerMetrics
+from .pipeline import ModelServer
+from .reload import ModelSlot
+from .settings import WorkerSettings
 
 __all__ = ["Worker"]
 

@@ -1,5 +1,5 @@
 """Inference backends: ONNX Runtime (CPU), TensorRT, PyTorch; picked by the file in a version folder."""
 
-from worker.backends.base import BACKEND_MODULES, Backend, load_backend
+from .base import BACKEND_MODULES, Backend, load_backend
 
 __all__ = ["BACKEND_MODULES", "Backend", "load_backend"]

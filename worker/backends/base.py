@@ -23,9 +23,9 @@ __all__ = ["BACKEND_MODULES", "Backend", "load_backend"]
 
 #: Backend name (from the manifest) -> module that holds its `Backend` subclass as `BACKEND`.
 BACKEND_MODULES: Final = {
-    "onnxruntime": "worker.backends.onnxruntime",
-    "tensorrt": "worker.backends.tensorrt",
-    "torch": "worker.backends.torch",
+    "onnxruntime": f"{__package__}.onnxruntime",
+    "tensorrt": f"{__package__}.tensorrt",
+    "torch": f"{__package__}.torch",
 }
 
 

@@ -12,7 +12,8 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
-from worker.backends.base import Backend
+
+from .base import Backend
 
 __all__ = ["BACKEND", "OnnxRuntimeBackend"]
 

@@ -39,8 +39,9 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
-from worker.backends import cuda
-from worker.backends.base import Backend
+
+from . import cuda
+from .base import Backend
 
 if TYPE_CHECKING:
     # tensorrt-stubs installs its .pyi files without a py.typed marker: see `import_tensorrt`.

@@ -42,8 +42,9 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
-from worker.backends import cuda
-from worker.backends.base import Backend
+
+from . import cuda
+from .base import Backend
 
 __all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch"]
 
