@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+__all__ = ["main", "sample"]
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

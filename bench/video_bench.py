@@ -19,15 +19,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from jetinfer.producer.bench import _engine_only, embedded_stack, scrape_worker_metrics
+from jetinfer.bench.load import _engine_only, embedded_stack, scrape_worker_metrics
 
 MODEL = "efficientnet_lite0"
 #: A worker deployed for batch jobs: throughput before a lone request's latency (two batches at once).
 WORKER_ARGS = ["--parallel-batches=2"]
 
+
+__all__ = ["main", "make_clip", "served", "video_command", "wait_for_answers"]
 
 def make_clip(path: Path, frames: int) -> None:
     """An MJPG video, 224×224, of scikit-image's cat photo panning."""
@@ -35,8 +38,10 @@ def make_clip(path: Path, frames: int) -> None:
     import skimage.data
     from PIL import Image
 
-    cat = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((480, 320)))[:, :, ::-1]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (224, 224))
+    photo: Any = skimage.data.chelsea()  # type: ignore[no-untyped-call]
+    cat = np.asarray(Image.fromarray(photo).resize((480, 320)))[:, :, ::-1]
+    fourcc: Any = cv2.VideoWriter_fourcc  # type: ignore[attr-defined]
+    writer = cv2.VideoWriter(str(path), fourcc(*"MJPG"), 25.0, (224, 224))
     for index in range(frames):
         x = (index * 3) % (480 - 224)
         writer.write(np.ascontiguousarray(cat[48 : 48 + 224, x : x + 224]))

@@ -15,16 +15,15 @@ as a duplicate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +33,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from jetinfer.cleanup import logged
 from jetinfer.connection import connect
 from jetinfer.errors import (
     InvalidInputError,
@@ -64,9 +64,6 @@ from jetinfer.settings import ConnectionSettings
 from jetinfer.streams import INFER_STREAM, infer_subject
 
 from .metrics import ClientMetrics
-
-if TYPE_CHECKING:
-    from .video import Frame, FrameResult
 
 __all__ = ["Client", "Payload", "encode_payload"]
 
@@ -214,8 +211,7 @@ class Client:
             try:
                 await asyncio.wait_for(nc.drain(), 5)
             except Exception:
-                with contextlib.suppress(Exception):
-                    await nc.close()
+                await logged(logger, "closing the client's connection", nc.close())
 
     async def __aenter__(self) -> Self:
         return await self.connect()
@@ -425,24 +421,6 @@ class Client:
             raise
         self.metrics.replied(model, "ok", time.perf_counter() - started)
         return response
-
-    def video(
-        self,
-        model: str,
-        frames: Iterable[Frame],
-        *,
-        job: str,
-        in_flight: int = 64,
-        stall_timeout_s: float = 60.0,
-    ) -> AsyncIterator[FrameResult]:
-        """Run `frames` through `model` as the resumable job `job`; results come in frame order.
-
-        `async for result in client.video("resnet50", read_frames(path), job="clip-1")` — see
-        `producer.video.video_job`: replies are durable on RESULTS, so re-running the job sends only the rest.
-        """
-        from .video import video_job
-
-        return video_job(self, model, frames, job=job, in_flight=in_flight, stall_timeout_s=stall_timeout_s)
 
     @staticmethod
     def read_reply(msg: Msg, request_id: str | None = None) -> InferResponse:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jetinfer.producer.bench import BenchPoint, round_ratios, summarize
+from jetinfer.bench.load import BenchPoint, round_ratios, summarize
 from tests.conftest import run_cli
 
 
@@ -143,7 +143,7 @@ def test_rounds_alternate_the_worker_and_the_bare_loop(demo_repository: Path) ->
 
 
 async def test_open_loop_sends_at_the_rate_asked(nats_server: Any, model_repo: Any) -> None:
-    from jetinfer.producer.bench import open_loop
+    from jetinfer.bench.load import open_loop
     from jetinfer.producer.client import Client
     from tests.conftest import running_worker
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from jetinfer.bench.engine import engine_bench
 from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository
 from jetinfer.worker.backends.base import load_backend
-from jetinfer.worker.engine_bench import engine_bench
 from tests.conftest import NatsUnderTest, running_worker
 
 

@@ -59,7 +59,7 @@ async def test_job_in_order_and_a_rerun_sends_only_the_rest(
             first.append(result)
             if len(first) == FRAMES // 2:
                 break  # the producer dies half way
-        second = [r async for r in client.video(model, frames, job=job, in_flight=8)]
+        second = [r async for r in video_job(client, model, frames, job=job, in_flight=8)]
         served = answered(worker, model)
     assert [r.index for r in first] == list(range(FRAMES // 2))
     assert [r.index for r in second] == list(range(FRAMES))

@@ -23,11 +23,11 @@ QUIET_COMMANDS: Final = frozenset({"demo", "infer", "video", "bench", "engine-be
 
 COMMAND_MODULES: Final = (
     "jetinfer.worker.cli",
-    "jetinfer.worker.engine_bench",
     "jetinfer.producer.cli",
-    "jetinfer.producer.bench",
     "jetinfer.builder.cli",
-    "jetinfer.demo",
+    "jetinfer.bench.load",
+    "jetinfer.bench.engine",
+    "jetinfer.cli.demo",
 )
 
 

@@ -22,8 +22,7 @@ import numpy as np
 
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
-
-from .backends.base import load_backend
+from jetinfer.worker.backends.base import load_backend
 
 __all__ = ["engine_bench", "register"]
 

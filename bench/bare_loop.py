@@ -4,7 +4,7 @@ No decoding, no model, no batching logic: the fastest a single nats-py process c
 into a reply with a JetStream pull consumer. `jetinfer bench --bare` runs it instead of the worker,
 so the worker's overhead is measured as a ratio in the same run.
 
-    python -m worker.bare_loop --nats-url URL --model NAME [--batch 256]
+    python -m jetinfer.bench.bare_loop --nats-url URL --model NAME [--batch 256]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`jetinfer demo`: the whole path on one machine, with no setup.
+"""`jetinfer demo`: the whole path on one machine, with no setup (the CLI assembles worker and client).
 
 Starts an embedded nats-server with JetStream, exports the demo classifier into a cache folder
 (once), starts a worker, classifies sample photos through NATS with the producer client, prints
@@ -10,35 +10,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jetinfer.demo_models import DEMO_MODEL, default_model_cache, ensure_demo_model
 from jetinfer.embedded import EmbeddedNatsServer
 from jetinfer.labels import imagenet_labels, top_k
-from jetinfer.repository import ModelRepository
+from jetinfer.producer.client import Client
 from jetinfer.settings import require, setting
+from jetinfer.worker.service import Worker
+from jetinfer.worker.settings import WorkerSettings
 
 __all__ = ["DemoSettings", "register", "run_demo", "sample_photos"]
-
-DEMO_MODEL = "efficientnet_lite0"
-
-
-def _default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "jetinfer" / "models"
 
 
 @dataclass(kw_only=True)
 class DemoSettings:
     """What `jetinfer demo` can be told."""
 
-    cache_dir: Path = setting(_default_cache(), "model repository for the demo models (exported once)")
+    cache_dir: Path = setting(default_model_cache(), "model repository for the demo models (exported once)")
     images: Path | None = setting(None, "folder of your own .jpg/.png photos to classify as well")
     requests: int = setting(256, "requests in the throughput run")
     concurrency: int = setting(32, "requests in flight during the throughput run")
@@ -74,37 +68,8 @@ def sample_photos(extra: Path | None = None) -> list[tuple[str, bytes]]:
     return photos
 
 
-def ensure_demo_model(cache_dir: Path) -> None:
-    """Export the demo classifier into `cache_dir` unless a valid version is there."""
-    repository = ModelRepository(cache_dir)
-    try:
-        if repository.candidates(DEMO_MODEL):
-            repository.load_version(DEMO_MODEL, repository.candidates(DEMO_MODEL)[0])
-            return
-    except Exception as exc:
-        print(f"demo model in {cache_dir} is not usable ({exc}); exporting again", file=sys.stderr)
-    print(f"exporting {DEMO_MODEL} into {cache_dir} (once; needs the 'export' extra: torch) ...", flush=True)
-    command = [
-        sys.executable,
-        "-m",
-        "jetinfer.cli",
-        "export-demo",
-        "--repository",
-        str(cache_dir),
-        "--models",
-        DEMO_MODEL,
-    ]
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"exporting the demo model failed (exit {result.returncode}): {' '.join(command)}")
-
-
 async def run_demo(settings: DemoSettings) -> int:
     """Run the demo end to end; returns the exit status."""
-    from producer.client import Client
-    from worker.service import Worker
-    from worker.settings import WorkerSettings
-
     await asyncio.to_thread(ensure_demo_model, settings.cache_dir)
     photos = sample_photos(settings.images)
     if not photos:

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from jetinfer.demo_models import DEMO_MODEL, default_model_cache, ensure_demo_model
 from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import SettingsError
+from jetinfer.producer.client import Client, Payload
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
 from jetinfer.settings import ConnectionSettings, require
-
-from .client import Client, Payload
 
 __all__ = [
     "BenchPoint",
@@ -416,7 +416,7 @@ async def embedded_stack(
                     command = [
                         sys.executable,
                         "-m",
-                        "jetinfer.worker.bare_loop",
+                        "jetinfer.bench.bare_loop",
                         "--nats-url",
                         server.url,
                         "--model",
@@ -654,10 +654,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run every requested measurement; returns the report."""
     repository: Path | None = args.repository
     if args.embedded and repository is None:
-        from jetinfer.demo import _default_cache, ensure_demo_model
-
-        repository = _default_cache()
-        if args.model == "efficientnet_lite0":
+        repository = default_model_cache()
+        if args.model == DEMO_MODEL:
             await asyncio.to_thread(ensure_demo_model, repository)
     payload, frames = make_payload(args, repository)
     points: list[BenchPoint] = []

@@ -1,0 +1,50 @@
+"""The demo models on this machine: where they are cached, and exporting them there once.
+
+`jetinfer demo` and `jetinfer bench --embedded` serve the demo classifier from this cache; exporting
+runs `jetinfer export-demo` in a child process (it needs the `export` extra: torch).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jetinfer.repository import ModelRepository
+
+__all__ = ["DEMO_MODEL", "default_model_cache", "ensure_demo_model"]
+
+#: The classifier the demo serves.
+DEMO_MODEL = "efficientnet_lite0"
+
+
+def default_model_cache() -> Path:
+    """`$XDG_CACHE_HOME/jetinfer/models` (the platform's cache folder convention), else ~/.cache/..."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jetinfer" / "models"
+
+
+def ensure_demo_model(cache_dir: Path) -> None:
+    """Export the demo classifier into `cache_dir` unless a valid version is there."""
+    repository = ModelRepository(cache_dir)
+    try:
+        if repository.candidates(DEMO_MODEL):
+            repository.load_version(DEMO_MODEL, repository.candidates(DEMO_MODEL)[0])
+            return
+    except Exception as exc:
+        print(f"demo model in {cache_dir} is not usable ({exc}); exporting again", file=sys.stderr)
+    print(f"exporting {DEMO_MODEL} into {cache_dir} (once; needs the 'export' extra: torch) ...", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "jetinfer.cli",
+        "export-demo",
+        "--repository",
+        str(cache_dir),
+        "--models",
+        DEMO_MODEL,
+    ]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"exporting the demo model failed (exit {result.returncode}): {' '.join(command)}")
