@@ -35,6 +35,7 @@ from typing import Final, TextIO
 
 from nats.aio.client import Client as NatsClient
 
+from jetinfer.cleanup import logged
 from jetinfer.connection import connect
 from jetinfer.errors import RepositoryError
 from jetinfer.protocol import MODEL_NAME_PATTERN
@@ -251,8 +252,7 @@ class Sidecar:
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except Exception as exc:  # drain failing must not hide the reason we are closing
                 logger.warning("sidecar: draining the NATS connection failed: %s", exc)
-                with contextlib.suppress(Exception):
-                    await nc.close()
+                await logged(logger, "sidecar: closing the NATS connection", nc.close())
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -475,8 +475,7 @@ class Sidecar:
                     f"{model} v{version}: worker {answer.worker} {answer.status} v{answer.version}{suffix}"
                 )
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await logged(logger, "sidecar: unsubscribing from the workers' answers", sub.unsubscribe())
         if not answers:
             logger.warning(
                 "sidecar: no worker answered the reload signal for %s v%d within %.1f s "

@@ -14,7 +14,6 @@ cuda-python is imported before `build_engine` needs them, so this module imports
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
@@ -27,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from jetinfer.errors import ModelLoadError, SettingsError
+from jetinfer.errors import ModelLoadError, RequestError, SettingsError
+from jetinfer.images import image_pixels, normalise, preprocess_image
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
+from jetinfer.tensorrt_log import tensorrt_logger, tensorrt_said
 
 if TYPE_CHECKING:
     # tensorrt-stubs installs its .pyi files without a py.typed marker, hence the unused-ignore.
@@ -53,12 +54,6 @@ IMAGE_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".p
 #: Frames per calibration batch (fewer when max_batch or the image count is smaller).
 CALIBRATION_BATCH: Final = 8
 
-_RESAMPLE: Final = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "bicubic": Image.Resampling.BICUBIC,
-}
-
 # TensorRT DataType name -> wire datatype.
 _TRT_DATATYPES: Final = {
     "FLOAT": "FP32",
@@ -75,30 +70,9 @@ _TRT_DATATYPES: Final = {
 
 
 def calibration_tensor(image: Image.Image, preprocess: PreprocessConfig) -> npt.NDArray[Any]:
-    """One image as the model sees it (no batch dimension), exactly as the worker prepares requests.
-
-    RGB; the central `center_crop` fraction of each side; resized to width×height with the config's
-    filter; then ``(pixel - mean) / std`` on 0..255 pixel values (skipped for UINT8); NCHW or NHWC;
-    in the config's datatype.
-    """
-    rgb = image.convert("RGB") if image.mode != "RGB" else image
-    if preprocess.center_crop < 1.0:
-        width, height = rgb.size
-        crop_w, crop_h = round(width * preprocess.center_crop), round(height * preprocess.center_crop)
-        left, top = (width - crop_w) // 2, (height - crop_h) // 2
-        rgb = rgb.crop((left, top, left + crop_w, top + crop_h))
-    if rgb.size != (preprocess.width, preprocess.height):
-        rgb = rgb.resize((preprocess.width, preprocess.height), _RESAMPLE[preprocess.resize])
-    pixels = np.asarray(rgb)
-    if preprocess.datatype == "UINT8":
-        values: npt.NDArray[Any] = pixels
-    else:
-        mean = np.asarray(preprocess.mean, dtype=np.float32)
-        std = np.asarray(preprocess.std, dtype=np.float32)
-        values = (pixels.astype(np.float32) - mean) / std
-    if preprocess.layout == "NCHW":
-        values = values.transpose(2, 0, 1)
-    return np.ascontiguousarray(values, dtype=DATATYPES[preprocess.datatype])
+    """One opened image as the model sees it (no batch dimension): the worker's own crop, resize and
+    normalisation (`jetinfer.images`)."""
+    return normalise(image_pixels(image, preprocess), preprocess)
 
 
 def calibration_files(folder: Path) -> list[Path]:
@@ -126,9 +100,9 @@ def calibration_batches(
         frames = []
         for path in files[start : start + batch_size]:
             try:
-                with Image.open(path) as image:
-                    frames.append(calibration_tensor(image, preprocess))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                # Decoded from its bytes, as a request would be (JPEGs at reduced DCT scale too).
+                frames.append(preprocess_image(path.read_bytes(), preprocess)[0])
+            except (RequestError, OSError) as exc:
                 raise ModelLoadError(f"{path}: cannot read calibration image: {exc}") from exc
         yield np.stack(frames)
 
@@ -179,48 +153,6 @@ def _compute_capability() -> str:
         rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute"
     )
     return f"{int(major)}.{int(minor)}"
-
-
-class _Messages:
-    """TensorRT's latest errors, quoted when a step fails."""
-
-    def __init__(self) -> None:
-        self.errors: collections.deque[str] = collections.deque(maxlen=10)
-
-    def said(self) -> str:
-        return ("; TensorRT said: " + " | ".join(self.errors)) if self.errors else ""
-
-
-_messages = _Messages()
-_logger_instance: Any = None
-
-
-def _trt_logger() -> trt.ILogger:
-    """One TensorRT logger for the process, forwarding to `logging`."""
-    global _logger_instance
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
-
-    if _logger_instance is None:
-        severity = trt.ILogger.Severity
-
-        class _Logger(trt.ILogger):  # type: ignore[misc, unused-ignore]
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-
-            def log(self, level: trt.ILogger.Severity, msg: str) -> None:
-                if level in (severity.INTERNAL_ERROR, severity.ERROR):
-                    _messages.errors.append(msg)
-                    logger.error("tensorrt: %s", msg)
-                elif level == severity.WARNING:
-                    logger.warning("tensorrt: %s", msg)
-                elif level == severity.INFO:
-                    logger.info("tensorrt: %s", msg)
-                else:
-                    logger.debug("tensorrt: %s", msg)
-
-        _logger_instance = _Logger()
-    result: trt.ILogger = _logger_instance
-    return result
 
 
 def _make_calibrator(
@@ -402,10 +334,10 @@ def build_engine(
     import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
 
     compute_capability = _compute_capability()
-    _messages.errors.clear()
-    builder = trt.Builder(_trt_logger())
+    tensorrt_said()  # forget what an earlier step said
+    builder = trt.Builder(tensorrt_logger())
     network = builder.create_network(0)
-    parser = trt.OnnxParser(network, _trt_logger())
+    parser = trt.OnnxParser(network, tensorrt_logger())
     if not parser.parse_from_file(str(onnx_file)):
         problems = []
         for index in range(parser.num_errors):
@@ -468,7 +400,7 @@ def build_engine(
         if calibration is not None:
             calibration[1]()  # the calibrator itself stays referenced until here, as TensorRT uses it
     if serialized is None:
-        raise ModelLoadError(f"{onnx_file}: TensorRT could not build the engine{_messages.said()}")
+        raise ModelLoadError(f"{onnx_file}: TensorRT could not build the engine{tensorrt_said()}")
     _write_atomically(out_file, memoryview(serialized))
     if timing_cache is not None:
         _write_atomically(timing_cache, memoryview(cache.serialize()))
@@ -538,7 +470,7 @@ def _set_up_int8(
     if not builder_config.set_calibration_profile(calibration_profile):
         free()
         raise ModelLoadError(
-            f"TensorRT refused the calibration profile {list(_dims(shape))}{_messages.said()}"
+            f"TensorRT refused the calibration profile {list(_dims(shape))}{tensorrt_said()}"
         )
     logger.info("tensorrt: INT8 calibration with %s, batches of %d", calibration_dir, batch_size)
     return calibrator, free

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NatsClient
 
+from jetinfer.cleanup import logged
 from jetinfer.settings import ConnectionSettings, env_name, flag_name
 
 __all__ = ["connect", "explain_connect_failure", "tls_context"]
@@ -179,6 +180,5 @@ async def connect(
     cause = (
         refusals[-1] if refusals else (cause if cause is not None else (failures[-1] if failures else None))
     )
-    with contextlib.suppress(Exception):
-        await nc.close()
+    await logged(logger, "closing the failed connection", nc.close())
     raise ConnectionError(explain_connect_failure(settings, cause)) from cause

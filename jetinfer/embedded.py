@@ -195,5 +195,5 @@ class EmbeddedNatsServer:
 
     def __del__(self) -> None:
         if self._process is not None and self._process.poll() is None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.killpg(self._process.pid, signal.SIGKILL)

@@ -14,6 +14,7 @@
     ├── RequestTimeoutError           the client waited `timeout` seconds for a reply
     ├── SettingsError                 a setting is invalid; `setting` names it
     ├── StreamMismatchError           an existing stream differs; `field` names the difference
+    ├── StreamMissingError            a stream this process reads does not exist; `name` names it
     ├── RepositoryError               a model repository entry is invalid; `path` says where
     └── ModelLoadError                a backend could not load a model version
 
@@ -38,6 +39,7 @@ __all__ = [
     "RetryableError",
     "SettingsError",
     "StreamMismatchError",
+    "StreamMissingError",
     "TooLargeError",
     "UnknownModelError",
     "error_for_code",
@@ -128,6 +130,14 @@ class StreamMismatchError(JetinferError):
         self.field = field
         self.existing = existing
         self.wanted = wanted
+
+
+class StreamMissingError(JetinferError):
+    """A JetStream stream this process only reads does not exist (workers create the streams)."""
+
+    def __init__(self, name: str, hint: str) -> None:
+        super().__init__(f"stream {name} does not exist: {hint}")
+        self.name = name
 
 
 class RepositoryError(JetinferError):

@@ -22,7 +22,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from jetinfer.errors import StreamMismatchError
+from jetinfer.errors import StreamMismatchError, StreamMissingError
 from jetinfer.protocol import check_model_name
 from jetinfer.settings import StreamSettings
 
@@ -37,6 +37,7 @@ __all__ = [
     "infer_subject",
     "register_model",
     "reload_subject",
+    "require_stream",
     "results_subject",
 ]
 
@@ -153,6 +154,17 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None
     """Create RESULTS and DLQ if missing; check them if present. INFER is made by `register_model`."""
     await _ensure_stream(js, _results_config(settings))
     await _ensure_stream(js, _dlq_config(settings))
+
+
+async def require_stream(js: JetStreamContext, name: str, hint: str) -> None:
+    """Check that stream `name` exists, without creating or changing it; StreamMissingError otherwise.
+
+    For producers, which may not create streams (and must not create them with settings of their own).
+    """
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        raise StreamMissingError(name, hint) from None
 
 
 async def register_model(js: JetStreamContext, model: str, settings: StreamSettings) -> None:

@@ -25,10 +25,10 @@ from typing import Any
 
 from nats.js.api import DeliverPolicy
 
+from jetinfer.cleanup import logged
 from jetinfer.errors import InvalidInputError
 from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
-from jetinfer.settings import StreamSettings
-from jetinfer.streams import ensure_streams, results_subject
+from jetinfer.streams import RESULTS_STREAM, require_stream, results_subject
 
 from .client import Client
 
@@ -149,8 +149,10 @@ async def video_job(
     if not job or any(c in job for c in " .*>"):
         raise InvalidInputError(f"job id {job!r} must be a non-empty token without spaces, '.', '*' or '>'")
     subject = results_subject(job)
-    with contextlib.suppress(Exception):  # a producer may lack the right to create streams: the worker does
-        await ensure_streams(client.js, StreamSettings())
+    # Workers create the streams with the deployment's settings; a producer only checks that RESULTS is there.
+    await require_stream(
+        client.js, RESULTS_STREAM, "start a worker first (it creates INFER, RESULTS and DLQ)"
+    )
     frame_list = list(frames)
     timestamps = {f.index: f.timestamp_s for f in frame_list}
     replies: dict[int, InferResponse | ErrorReply] = {}
@@ -238,8 +240,7 @@ async def video_job(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
     finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+        await logged(logger, f"job {job}: unsubscribing from its results", subscription.unsubscribe())
 
 
 async def _send(

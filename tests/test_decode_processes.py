@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from jetinfer.errors import BackendError, InvalidInputError, TooLargeError
+from jetinfer.images import decode_pixels
 from jetinfer.repository import PreprocessConfig
 from jetinfer.worker.decode_processes import ProcessDecoder
-from jetinfer.worker.preprocess import decode_pixels
 
 CONFIG = PreprocessConfig(input="input", width=64, height=48, center_crop=0.875)
 

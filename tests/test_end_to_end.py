@@ -20,7 +20,7 @@ async def test_cat_jpeg_and_tensor_come_back_as_a_cat(
     repo, model = model_repo("efficientnet_lite0")
     config = ModelRepository(repo).config(model)
     assert config.preprocess is not None
-    from jetinfer.worker.preprocess import preprocess_image
+    from jetinfer.images import preprocess_image
 
     tensor = preprocess_image(cat_jpeg, config.preprocess)
     async with running_worker(nats_server.url, repo, [model]), Client(nats_server.url) as client:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from jetinfer.errors import ModelLoadError
+from jetinfer.images import decode_pixels, preprocess_image
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
-from jetinfer.worker.preprocess import decode_pixels, preprocess_image
 from tests.conftest import NatsUnderTest, running_worker
 
 CONFIG = PreprocessConfig(

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from jetinfer.errors import InvalidInputError, TooLargeError
+from jetinfer.images import preprocess_image
 from jetinfer.repository import PreprocessConfig
-from jetinfer.worker.preprocess import preprocess_image
 
 CONFIG = PreprocessConfig(input="input", width=64, height=48, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0))
 

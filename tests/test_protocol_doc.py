@@ -412,7 +412,7 @@ def check_map(value: int, code: str) -> None:
 
 
 def check_pixels(value: int, code: str) -> None:
-    from jetinfer.worker.preprocess import MAX_IMAGE_PIXELS
+    from jetinfer.images import MAX_IMAGE_PIXELS
 
     assert value == MAX_IMAGE_PIXELS
     assert code == TooLargeError.code

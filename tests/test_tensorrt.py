@@ -27,11 +27,11 @@ from jetinfer.builder.tensorrt_engine import (
     calibration_tensor,
 )
 from jetinfer.errors import BackendError, ModelLoadError, SettingsError
+from jetinfer.images import preprocess_image
 from jetinfer.repository import ModelConfig, ModelVersion, PreprocessConfig, TensorSpec, write_version
 from jetinfer.worker.backends import cuda
 from jetinfer.worker.backends.base import load_backend
 from jetinfer.worker.backends.tensorrt import check_compatibility, import_tensorrt, same_release
-from jetinfer.worker.preprocess import preprocess_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,6 +30,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from jetinfer.cleanup import logged
 from jetinfer.errors import BackendError, RetryableError
 from jetinfer.protocol import HEADER_MSG_ID, HEADER_REPLY_TO, encode_error
 from jetinfer.settings import StreamSettings
@@ -77,8 +78,7 @@ class DeadLetters:
         """Unsubscribe. Safe to call twice."""
         subs, self._subs = self._subs, []
         for sub in subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await logged(logger, f"unsubscribing from {sub.subject}", sub.unsubscribe())
 
     async def _on_advisory(self, msg: Msg) -> None:
         try:

@@ -25,6 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from jetinfer.cleanup import logged
 from jetinfer.errors import PermanentError, RequestError, RetryableError
 
 __all__ = [
@@ -277,7 +278,6 @@ class PullConsumer:
         if self._pending and linger_s > 0:
             await asyncio.sleep(linger_s)
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+            await logged(logger, f"pull {self.durable}: unsubscribing", self._sub.unsubscribe())
             self._sub = None
         return self.take_all()

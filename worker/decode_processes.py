@@ -38,9 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from jetinfer.errors import BackendError, InvalidInputError, RequestError
+from jetinfer.images import decode_pixels
 from jetinfer.repository import PreprocessConfig
-
-from .preprocess import decode_pixels
 
 __all__ = ["ProcessDecoder"]
 

@@ -19,6 +19,8 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from jetinfer.cleanup import logged
+
 __all__ = ["HealthServer"]
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,7 @@ class HealthServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+            await logged(logger, "closing the metrics server", server.wait_closed())
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -113,5 +114,5 @@ class HealthServer:
             pass
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ConnectionError):  # the client went away first
                 await writer.wait_closed()

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from jetinfer.errors import BackendError, DeadlineExceededError, RequestError
+from jetinfer.images import decode_pixels
 from jetinfer.protocol import (
     HEADER_MSG_ID,
     IMAGE_CONTENT_TYPES,
@@ -51,7 +52,6 @@ from .consumer import AckAction, PullConsumer, Received, decide_ack
 from .decode_processes import ProcessDecoder
 from .gpu_decode import GpuJpegDecoder, GpuNormaliser
 from .metrics import WorkerMetrics
-from .preprocess import decode_pixels
 from .reload import LoadedModel, ModelSlot
 from .replies import publish_reply
 from .requests import (

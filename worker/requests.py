@@ -23,6 +23,7 @@ from jetinfer.errors import (
     RequestError,
     TooLargeError,
 )
+from jetinfer.images import decode_pixels, preprocess_image
 from jetinfer.protocol import (
     CONTENT_TYPE_JPEG,
     CONTENT_TYPE_MSGPACK,
@@ -37,7 +38,6 @@ from jetinfer.protocol import (
 from jetinfer.repository import ModelConfig
 
 from .consumer import delivery_info
-from .preprocess import decode_pixels, preprocess_image
 
 __all__ = [
     "PreparedRequest",

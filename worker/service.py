@@ -11,7 +11,6 @@ moved to the DLQ and answered by `worker.advisories.DeadLetters`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from jetinfer.cleanup import logged
 from jetinfer.connection import connect
 from jetinfer.errors import SettingsError
 from jetinfer.repository import ModelRepository
@@ -174,8 +174,9 @@ class Worker:
                 "version": result.version,
                 "message": result.message,
             }
-            with contextlib.suppress(Exception):
-                await msg.respond(json.dumps(answer).encode())
+            await logged(
+                logger, f"answering the reload signal of {model}", msg.respond(json.dumps(answer).encode())
+            )
 
     async def _poll_repository(self) -> None:
         while True:
@@ -245,15 +246,13 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         for sub in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await logged(logger, f"unsubscribing from {sub.subject}", sub.unsubscribe())
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), max(0.5, deadline - time.monotonic()))
             except Exception as exc:
                 logger.warning("drain failed (%s); closing", exc)
-                with contextlib.suppress(Exception):
-                    await self._nc.close()
+                await logged(logger, "closing the NATS connection", self._nc.close())
         if self._health is not None:
             await self._health.close()
         for slot in self.slots.values():

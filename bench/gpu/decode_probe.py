@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from jetinfer.producer.bench import _cat_jpeg
+from jetinfer.bench.load import _cat_jpeg
+from jetinfer.images import decode_pixels
 from jetinfer.repository import PreprocessConfig
 from jetinfer.worker.decode_processes import ProcessDecoder
 from jetinfer.worker.gpu_decode import GpuJpegDecoder, GpuNormaliser
-from jetinfer.worker.preprocess import decode_pixels
 
 CONFIG = PreprocessConfig(
     input="input", width=224, height=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)

@@ -24,7 +24,6 @@ do (loops, data-dependent shapes) is logged once and that shape runs without a g
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -39,6 +38,7 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
+from jetinfer.tensorrt_log import tensorrt_logger, tensorrt_said
 
 from . import cuda
 from .base import Backend
@@ -121,50 +121,6 @@ def check_compatibility(
             f"{where}: the plan was built for GPUs of compute capability {built_cc} but this GPU is "
             f"{compute_capability}; plans are specific to a GPU architecture: rebuild it on this GPU"
         )
-
-
-class _LogSink:
-    """Keeps TensorRT's latest error messages so that a failure can say what TensorRT said."""
-
-    def __init__(self) -> None:
-        self.errors: collections.deque[str] = collections.deque(maxlen=8)
-
-    def take(self) -> str:
-        text = "; ".join(self.errors)
-        self.errors.clear()
-        return f" (TensorRT said: {text})" if text else ""
-
-
-_sink = _LogSink()
-_trt_logger: Any = None
-_logger_lock = threading.Lock()
-
-
-def _logger() -> trt.ILogger:
-    """One TensorRT logger per process (TensorRT warns when runtimes get different ones), to `logging`."""
-    global _trt_logger
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
-
-    with _logger_lock:
-        if _trt_logger is None:
-            severity = trt.ILogger.Severity
-
-            class _Logger(trt.ILogger):  # type: ignore[misc, unused-ignore]
-                def __init__(self) -> None:
-                    trt.ILogger.__init__(self)
-
-                def log(self, level: trt.ILogger.Severity, msg: str) -> None:
-                    if level in (severity.INTERNAL_ERROR, severity.ERROR):
-                        _sink.errors.append(msg)
-                        logger.error("tensorrt: %s", msg)
-                    elif level == severity.WARNING:
-                        logger.warning("tensorrt: %s", msg)
-                    elif level == severity.INFO:
-                        logger.debug("tensorrt: %s", msg)
-
-            _trt_logger = _Logger()
-        result: trt.ILogger = _trt_logger
-        return result
 
 
 @dataclass
@@ -257,15 +213,15 @@ class TensorRTBackend(Backend):
             compute_capability=cuda.compute_capability(self._gpu),
             where=path,
         )
-        self._runtime = trt.Runtime(_logger())
+        self._runtime = trt.Runtime(tensorrt_logger())
         engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
-            raise ModelLoadError(f"{path}: TensorRT could not deserialise the plan{_sink.take()}")
+            raise ModelLoadError(f"{path}: TensorRT could not deserialise the plan{tensorrt_said()}")
         self._engine = engine
         self._describe(engine)
         context = engine.create_execution_context()
         if context is None:
-            raise ModelLoadError(f"{path}: TensorRT could not create an execution context{_sink.take()}")
+            raise ModelLoadError(f"{path}: TensorRT could not create an execution context{tensorrt_said()}")
         self._context = context
         self._stream = cuda.Stream()
         self._allocate(context)
@@ -365,7 +321,7 @@ class TensorRTBackend(Backend):
             largest = (max_batch, *tensor.max_shape[1:])
             if not context.set_input_shape(tensor.name, largest):
                 raise ModelLoadError(
-                    f"{path}: cannot set input {tensor.name!r} to {list(largest)}{_sink.take()}"
+                    f"{path}: cannot set input {tensor.name!r} to {list(largest)}{tensorrt_said()}"
                 )
         for tensor in self._tensors.values():
             shape = (
@@ -382,7 +338,7 @@ class TensorRTBackend(Backend):
             tensor.host = cuda.HostBuffer(nbytes)
             tensor.device = cuda.DeviceBuffer(nbytes)
             if not context.set_tensor_address(tensor.name, tensor.device.ptr):
-                raise ModelLoadError(f"{path}: cannot bind tensor {tensor.name!r}{_sink.take()}")
+                raise ModelLoadError(f"{path}: cannot bind tensor {tensor.name!r}{tensorrt_said()}")
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -427,7 +383,7 @@ class TensorRTBackend(Backend):
                     ) from exc
                 if not context.set_input_shape(name, shape):
                     raise BackendError(
-                        f"TensorRT refused shape {list(shape)} for input {name!r}{_sink.take()}"
+                        f"TensorRT refused shape {list(shape)} for input {name!r}{tensorrt_said()}"
                     )
                 stream.copy_to_device(tensor.device.ptr, tensor.host.ptr, staged.nbytes)
                 key.append(shape)
@@ -453,7 +409,7 @@ class TensorRTBackend(Backend):
 
     def _execute(self, context: trt.IExecutionContext, stream: cuda.Stream) -> None:
         if not context.execute_async_v3(stream.handle):
-            raise BackendError(f"TensorRT execute_async_v3 failed{_sink.take()}")
+            raise BackendError(f"TensorRT execute_async_v3 failed{tensorrt_said()}")
 
     def _enqueue(
         self, context: trt.IExecutionContext, stream: cuda.Stream, key: tuple[tuple[int, ...], ...]
