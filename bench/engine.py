@@ -22,7 +22,7 @@ import numpy as np
 
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
-from jetinfer.worker.backends.base import load_backend
+from jetinfer.worker.backends.base import BackendOptions, load_backend
 
 __all__ = ["engine_bench", "register"]
 
@@ -67,7 +67,7 @@ def engine_bench(
     """
     repo = ModelRepository(repository)
     version = repo.load_version(model, repo.candidates(model)[0])
-    backend = load_backend(version, device=device, parallel_batches=parallel_batches)
+    backend = load_backend(version, BackendOptions(device=device, parallel_batches=parallel_batches))
     slots = backend.batch_slots
     rng = np.random.default_rng(0)
     results = []

@@ -96,13 +96,20 @@ async def connect(
     name: str | None = None,
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
+    error_cb: Callable[[Exception], Awaitable[bool]] | None = None,
 ) -> NatsClient:
-    """Connect to NATS; reconnects forever afterwards. Raises ConnectionError naming the fix."""
+    """Connect to NATS; reconnects forever afterwards. Raises ConnectionError naming the fix.
+
+    `error_cb` sees the server's asynchronous errors once connected (a refused publish, say); where it
+    returns True it has dealt with the error, which is then not logged here.
+    """
     connected = False
     failures: list[BaseException] = []
     refused = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
+        if connected and error_cb is not None and await error_cb(exc):
+            return
         if not connected:
             failures.append(exc)
             logger.debug("nats: connecting: %s: %s", type(exc).__name__, exc)

@@ -8,7 +8,8 @@
     │   │   ├── InvalidInputError     invalid_input: undecodable, wrong dtype/shape/size
     │   │   ├── TooLargeError         too_large: over a size or batch limit
     │   │   ├── DeadlineExceededError deadline_exceeded: the client stopped waiting
-    │   │   └── UnknownModelError     unknown_model: nobody serves that model
+    │   │   ├── UnknownModelError     unknown_model: nobody serves that model
+    │   │   └── ReplyRefusedError     reply_refused: the server refused the reply (DLQ and metrics only)
     │   └── RetryableError            may pass on another try: the worker `nak`s with back-off
     │       └── BackendError          internal: the backend failed (error, out of memory)
     ├── RequestTimeoutError           the client waited `timeout` seconds for a reply
@@ -21,7 +22,7 @@
 A client receives error replies as the same classes (`error_for_code`), so
 `except InvalidInputError` reads the same on both sides. Permanent and retryable are the split
 the worker's ack policy is built on
-(see `worker.consumer.decide_ack`): handlers raise, they never ack themselves.
+(see `jetinfer.worker.settle.decide`): handlers raise, they never ack themselves.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "JetinferError",
     "ModelLoadError",
     "PermanentError",
+    "ReplyRefusedError",
     "RepositoryError",
     "RequestError",
     "RequestTimeoutError",
@@ -86,6 +88,15 @@ class UnknownModelError(PermanentError):
     """No worker serves (or ever registered) the requested model."""
 
     code = "unknown_model"
+
+
+class ReplyRefusedError(PermanentError):
+    """The NATS server refused to deliver the reply (no permission to publish to its subject).
+
+    No client sees this code (the reply cannot reach it): the request goes to the DLQ with it.
+    """
+
+    code = "reply_refused"
 
 
 class RetryableError(RequestError):
@@ -155,7 +166,14 @@ class ModelLoadError(JetinferError):
 
 _CODES: dict[str, type[RequestError]] = {
     cls.code: cls
-    for cls in (InvalidInputError, TooLargeError, DeadlineExceededError, UnknownModelError, BackendError)
+    for cls in (
+        InvalidInputError,
+        TooLargeError,
+        DeadlineExceededError,
+        UnknownModelError,
+        ReplyRefusedError,
+        BackendError,
+    )
 }
 
 

@@ -27,8 +27,12 @@ __all__ = [
     "DATATYPES",
     "HEADER_CONTENT_TYPE",
     "HEADER_DEADLINE",
+    "HEADER_DLQ_DELIVERIES",
+    "HEADER_DLQ_MESSAGE",
+    "HEADER_DLQ_REASON",
     "HEADER_MSG_ID",
     "HEADER_REPLY_TO",
+    "HEADER_REQUEST_ID",
     "HEADER_STATUS",
     "IMAGE_CONTENT_TYPES",
     "MAX_NDIM",
@@ -55,6 +59,12 @@ HEADER_REPLY_TO: Final = "Jetinfer-Reply-To"
 HEADER_DEADLINE: Final = "Jetinfer-Deadline"
 HEADER_CONTENT_TYPE: Final = "Content-Type"
 HEADER_STATUS: Final = "Jetinfer-Status"
+#: Headers of a DLQ copy: why the request was given up, the error's message, after how many deliveries,
+#: and the request id (the copy's own Nats-Msg-Id is `dlq-...`, so copies of redeliveries dedupe).
+HEADER_DLQ_REASON: Final = "Jetinfer-Dlq-Reason"
+HEADER_DLQ_MESSAGE: Final = "Jetinfer-Dlq-Message"
+HEADER_DLQ_DELIVERIES: Final = "Jetinfer-Dlq-Deliveries"
+HEADER_REQUEST_ID: Final = "Jetinfer-Request-Id"
 
 CONTENT_TYPE_MSGPACK: Final = "application/msgpack"
 CONTENT_TYPE_JPEG: Final = "image/jpeg"

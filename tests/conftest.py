@@ -151,9 +151,11 @@ CAT_CLASSES = {281, 282, 283, 284, 285}
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    url: str, repository: Path, models: list[str], **overrides: Any
+    url: str, repository: Path, models: list[str], *, backend_factory: Any = None, **overrides: Any
 ) -> AsyncIterator[Any]:
-    """A worker in this process, serving `models` (no metrics port unless asked)."""
+    """A worker in this process, serving `models` (no metrics port unless asked); `backend_factory`
+    loads its versions (tests.faults.faulty injects faults)."""
+    from jetinfer.worker.backends.base import load_backend
     from jetinfer.worker.service import Worker
     from jetinfer.worker.settings import WorkerSettings
 
@@ -163,7 +165,7 @@ async def running_worker(
         model=models,
         **{"metrics_port": 0, "reload_poll_s": 0.0, "grace_period_s": 10.0, **overrides},
     )
-    async with Worker(settings) as worker:
+    async with Worker(settings, backend_factory=backend_factory or load_backend) as worker:
         yield worker
 
 

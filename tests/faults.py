@@ -1,15 +1,15 @@
 """Fault injection for the reliability tests: a real backend with faults, worker processes, request tallies.
 
-`FaultyBackend` is the ONNX Runtime backend with faults switched on by the environment variable
-`JETINFER_TEST_FAULTS` (JSON), so worker subprocesses get them too:
+`FaultyBackend` is the ONNX Runtime backend with faults; `faulty(**faults)` is the backend factory a
+worker is given through its constructor (`running_worker(..., backend_factory=faulty(...))`, or, in a
+worker process, `python -m tests.faults --faults JSON serve ...`):
 
 - `sleep_s`: each batch sleeps this long before running (a backend slower than ack_wait)
 - `poison`: a frame whose first value equals this fails with a BackendError, every time
 - `crash_on_poison`: instead of failing, the process dies at once (SIGKILL), as a segfault would
 
 Every frame whose first value is a positive marker is counted in `EXECUTIONS` (in-process workers),
-so a test can tell how many times each request ran. `python -m tests.faults serve ...` runs
-`jetinfer serve` with the faulty backend in place of onnxruntime's.
+so a test can tell how many times each request ran.
 """
 
 from __future__ import annotations
@@ -33,29 +33,28 @@ import numpy as np
 import numpy.typing as npt
 
 from jetinfer.errors import BackendError, RequestTimeoutError
+from jetinfer.repository import ModelVersion
+from jetinfer.worker.backends.base import Backend, BackendFactory, BackendOptions, load_backend
 from jetinfer.worker.backends.onnxruntime import OnnxRuntimeBackend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FAULTS_ENV = "JETINFER_TEST_FAULTS"
 
 #: marker (first value of a frame) -> times a batch holding it ran (in this process).
 EXECUTIONS: collections.Counter[int] = collections.Counter()
 _LOCK = threading.Lock()
 
 
-def faults() -> dict[str, Any]:
-    """The faults switched on in this process."""
-    raw = os.environ.get(FAULTS_ENV, "")
-    return json.loads(raw) if raw else {}
-
-
 class FaultyBackend(OnnxRuntimeBackend):
-    """ONNX Runtime with the faults of `JETINFER_TEST_FAULTS`."""
+    """ONNX Runtime with `faults` (a dict, which the test may change while the worker runs)."""
 
     name = "onnxruntime"
 
+    def __init__(self, version: ModelVersion, options: BackendOptions | None, faults: dict[str, Any]) -> None:
+        super().__init__(version, options)
+        self.faults = faults
+
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        config = faults()
+        config = self.faults
         first = next(iter(inputs.values()))
         markers = [float(frame.reshape(-1)[0]) for frame in first] if first.size else []
         poison = config.get("poison")
@@ -70,16 +69,17 @@ class FaultyBackend(OnnxRuntimeBackend):
         return super().infer(inputs)
 
 
-BACKEND = FaultyBackend
-
-
-def install(monkeypatch: Any, **config: Any) -> None:
-    """Serve onnxruntime models through FaultyBackend with `config`, in this process (monkeypatch undoes)."""
-    from jetinfer.worker.backends.base import BACKEND_MODULES
-
-    monkeypatch.setitem(BACKEND_MODULES, "onnxruntime", "tests.faults")
-    monkeypatch.setenv(FAULTS_ENV, json.dumps(config))
+def faulty(**faults: Any) -> BackendFactory:
+    """A backend factory that serves onnxruntime versions through FaultyBackend with `faults` (counting
+    every execution in `EXECUTIONS`, which it clears) and loads every other version as usual."""
     EXECUTIONS.clear()
+
+    def load(version: ModelVersion, options: BackendOptions) -> Backend:
+        if version.backend == "onnxruntime":
+            return FaultyBackend(version, options, faults)
+        return load_backend(version, options)
+
+    return load
 
 
 def frames(marker: int, width: int = 4) -> npt.NDArray[np.float32]:
@@ -104,8 +104,11 @@ class WorkerProcess:
 
     def args(self) -> list[str]:
         """The command line."""
-        module = "tests.faults" if self.faults is not None else "jetinfer.cli"
-        args = [sys.executable, "-m", module, "serve", "--nats-url", self.url]
+        if self.faults is not None:
+            args = [sys.executable, "-m", "tests.faults", "--faults", json.dumps(self.faults)]
+        else:
+            args = [sys.executable, "-m", "jetinfer.cli"]
+        args += ["serve", "--nats-url", self.url]
         args += ["--repository", str(self.repository), "--model", self.model, "--metrics-port", "0"]
         args += ["--reload-poll-s", "0", "--decode-workers", "1"]
         for name, value in self.settings.items():
@@ -117,9 +120,6 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the worker; `ready()` tells when it serves."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop(FAULTS_ENV, None)
-        if self.faults is not None:
-            env[FAULTS_ENV] = json.dumps(self.faults)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env
@@ -212,12 +212,20 @@ def tally(markers: Sequence[int], results: Sequence[Any], duplicates: int) -> Ta
 
 
 def main() -> int:
-    """`python -m tests.faults ARGS`: `jetinfer ARGS` with FaultyBackend serving onnxruntime models."""
-    from jetinfer.cli import main as jetinfer_main
-    from jetinfer.worker.backends.base import BACKEND_MODULES
+    """`python -m tests.faults --faults JSON serve ARGS`: `jetinfer serve ARGS` given `faulty(**JSON)`."""
+    import logging
 
-    BACKEND_MODULES["onnxruntime"] = "tests.faults"  # type: ignore[index]
-    return jetinfer_main(sys.argv[1:])
+    from jetinfer.cli import build_parser
+    from jetinfer.settings import load_settings
+    from jetinfer.worker.cli import run_worker
+    from jetinfer.worker.settings import WorkerSettings
+
+    if sys.argv[1:2] != ["--faults"]:
+        raise SystemExit("usage: python -m tests.faults --faults JSON serve ARGS")
+    config = json.loads(sys.argv[2])
+    args = build_parser().parse_args(sys.argv[3:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(load_settings(WorkerSettings, args), backend_factory=faulty(**config))
 
 
 if __name__ == "__main__":

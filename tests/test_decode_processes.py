@@ -143,13 +143,13 @@ def test_close_stops_the_processes_and_frees_the_shared_memory(images: list[byte
 
 
 def test_images_left_for_the_decoding_processes_stay_encoded(images: list[bytes]) -> None:
-    """With processes decoding, the fetch stage only checks sizes: JPEG and PNG stay bytes, in one batch."""
+    """Prepare only checks an image's size: JPEG and PNG stay bytes, in one batch (for the processes)."""
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits, request_headers
     from jetinfer.repository import ModelConfig, TensorSpec
     from jetinfer.worker.batcher import make_batches
-    from jetinfer.worker.requests import prepare_request
+    from jetinfer.worker.prepare import prepare_request
 
     config = ModelConfig(
         name="m",
@@ -171,15 +171,12 @@ def test_images_left_for_the_decoding_processes_stay_encoded(images: list[bytes]
             config,
             max_batch=8,
             limits=Limits(max_bytes=1 << 16),
-            defer_images=True,
         )
         for i, (image, kind) in enumerate([(images[1], "image/jpeg"), (images[0], "image/png")])
     ]
     assert [r.error for r in prepared] == [None, None]
-    assert [r.encoded for r in prepared] == [images[1], images[0]]
+    assert [r.encoded for r in prepared] == [(images[1],), (images[0],)]
     [batch] = make_batches(prepared, 8)
-    assert batch.encoded == [images[1], images[0]]
-    oversized = prepare_request(
-        prepared[0].msg, config, max_batch=8, limits=Limits(max_bytes=100), defer_images=True
-    )
+    assert batch.encoded == (images[1], images[0])
+    oversized = prepare_request(prepared[0].msg, config, max_batch=8, limits=Limits(max_bytes=100))
     assert isinstance(oversized.error, TooLargeError)

@@ -149,7 +149,7 @@ async def test_nats_server_restart_in_the_middle_of_a_load(model_repo: Any, tmp_
             await asyncio.to_thread(server.restart)
             await sender
             results = await load.results()
-            renewals = worker.servers[model]._consumer.renewals if worker.servers[model]._consumer else 0
+            renewals = worker.servers[model].intake.renewals
     tally = faults.tally(load.markers, results, client.duplicates_dropped)
     tally.recover_s = load.recovery_s(restarted_at)
     check(tally, f"nats-server restart (file storage) mid-load, resent after reconnect={client.resent}")

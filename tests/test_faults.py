@@ -50,12 +50,17 @@ async def dlq_entries(js: Any, model: str) -> list[Any]:
 async def test_poison_request_ends_in_dlq_with_an_error_while_the_rest_flows(
     nats_server: NatsUnderTest, nc: Any, model_repo: Any, monkeypatch: Any
 ) -> None:
-    faults.install(monkeypatch, poison=7777)
     repo, model = model_repo("identity")
     markers = list(range(1, 301))
     async with (
         running_worker(
-            nats_server.url, repo, [model], max_deliver=3, nak_delays_ms=[50, 100], max_wait_ms=5.0
+            nats_server.url,
+            repo,
+            [model],
+            backend_factory=faults.faulty(poison=7777),
+            max_deliver=3,
+            nak_delays_ms=[50, 100],
+            max_wait_ms=5.0,
         ) as worker,
         Client(nats_server.url) as client,
     ):
@@ -92,11 +97,13 @@ async def test_batch_slower_than_ack_wait_is_never_processed_twice(
 ) -> None:
     # ack_wait 2 s, each batch takes 2.2 s, and the second batch waits in the pull buffer for the first:
     # without in_progress both would be redelivered (and run again) before they are answered.
-    faults.install(monkeypatch, sleep_s=2.2)
     repo, model = model_repo("identity")
     markers = list(range(1, 9))
+    slow = faults.faulty(sleep_s=2.2)
     async with (
-        running_worker(nats_server.url, repo, [model], ack_wait_s=2, max_batch=4, max_wait_ms=50.0) as worker,
+        running_worker(
+            nats_server.url, repo, [model], backend_factory=slow, ack_wait_s=2, max_batch=4, max_wait_ms=50.0
+        ) as worker,
         Client(nats_server.url) as client,
     ):
         results = await asyncio.gather(
@@ -116,7 +123,6 @@ async def test_batch_slower_than_ack_wait_is_never_processed_twice(
 async def test_expired_requests_are_answered_and_never_run_under_load(
     nats_server: NatsUnderTest, nc: Any, model_repo: Any, monkeypatch: Any
 ) -> None:
-    faults.install(monkeypatch, sleep_s=0.2)
     repo, model = model_repo("identity")
     js = nc.jetstream()
     inbox = nc.new_inbox()
@@ -131,7 +137,10 @@ async def test_expired_requests_are_answered_and_never_run_under_load(
             done.set()
 
     await nc.subscribe(f"{inbox}.*", cb=on_reply)
-    async with running_worker(nats_server.url, repo, [model], max_batch=2, max_wait_ms=0.0):
+    slow = faults.faulty(sleep_s=0.2)
+    async with running_worker(
+        nats_server.url, repo, [model], backend_factory=slow, max_batch=2, max_wait_ms=0.0
+    ):
         now_ms = int(time.time() * 1000)
         publishes = []
         for marker in range(1, total + 1):
@@ -154,20 +163,23 @@ async def test_expired_requests_are_answered_and_never_run_under_load(
 async def test_stop_finishes_the_batch_in_flight_and_gives_back_the_rest_at_once(
     nats_server: NatsUnderTest, nc: Any, model_repo: Any, monkeypatch: Any
 ) -> None:
-    faults.install(monkeypatch, sleep_s=1.0)
+    slow: dict[str, Any] = {"sleep_s": 1.0}
     repo, model = model_repo("identity")
     markers = list(range(1, 21))
     # ack_wait of 10 minutes: a request not given back at once would miss the clients' 60 s timeout.
     settings = {"ack_wait_s": 600, "max_batch": 2, "max_wait_ms": 0.0}
     async with Client(nats_server.url) as client:
-        async with running_worker(nats_server.url, repo, [model], **settings) as first:
+        factory = faults.faulty(**slow)
+        async with running_worker(
+            nats_server.url, repo, [model], backend_factory=factory, **settings
+        ) as first:
             calls = [asyncio.create_task(client.infer(model, faults.frames(m), timeout=60)) for m in markers]
             while not faults.EXECUTIONS:  # noqa: ASYNC110 - the first batch ran; more wait, fetched
                 await asyncio.sleep(0.02)
             await first.stop()
-            monkeypatch.setenv(faults.FAULTS_ENV, "{}")  # the second worker runs at full speed
             ran_by_first = sum(faults.EXECUTIONS.values())
-        async with running_worker(nats_server.url, repo, [model], **settings):
+        slow.clear()  # the second worker runs at full speed (the factory shares this dict)
+        async with running_worker(nats_server.url, repo, [model], backend_factory=factory, **settings):
             results = await asyncio.gather(*calls, return_exceptions=True)
     tally = faults.tally(markers, results, client.duplicates_dropped)
     print(tally.line("worker stop with a batch in flight") + f" ran_by_first={ran_by_first}")

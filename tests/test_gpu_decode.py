@@ -112,15 +112,28 @@ def test_gpu_normalise_matches_the_cpu_path(cat_jpeg: bytes, layout: str) -> Non
     np.testing.assert_allclose(on_gpu, cpu, atol=1e-5)
 
 
+class NoGpu:
+    """A stand-in for GpuNormaliser where the test uses only the CPU half of a GPU strategy."""
+
+    def __init__(self, config: PreprocessConfig, **_: Any) -> None:
+        self.config = config
+
+    def pin(self, host: Any) -> bool:
+        return False
+
+
 def test_images_for_gpu_normalise_are_pixels_in_their_own_batches(cat_jpeg: bytes) -> None:
     """The CPU half of `--gpu-normalise`: uint8 pixels, one frame, never batched with tensor requests."""
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits, request_headers
     from jetinfer.worker.batcher import make_batches
-    from jetinfer.worker.requests import prepare_request
+    from jetinfer.worker.prepare import prepare_request
+    from jetinfer.worker.preprocess import CpuDecoding, GpuNormalise, GpuTools
 
     config = _image_model()
+    assert config.preprocess is not None
+    strategy = GpuNormalise(config.preprocess, device=None, max_frames=8, tools=GpuTools(normaliser=NoGpu))
     ack = "$JS.ACK.INFER.worker-m.1.{0}.{0}.1732490000000000000.0"
     msgs = [
         Msg(
@@ -133,11 +146,14 @@ def test_images_for_gpu_normalise_are_pixels_in_their_own_batches(cat_jpeg: byte
         for i in range(3)
     ]
     limits = Limits()
-    prepared = [prepare_request(m, config, max_batch=8, limits=limits, gpu_pixels=True) for m in msgs]
+    prepared = [prepare_request(m, config, max_batch=8, limits=limits) for m in msgs]
+    for request in prepared:
+        strategy.decode_request(request, config)
     assert [r.error for r in prepared] == [None, None, None]
     assert all(r.pixels and r.frames == 1 for r in prepared)
     assert prepared[0].inputs["input"].shape == (1, 224, 224, 3)
     plain = prepare_request(msgs[0], config, max_batch=8, limits=limits)
+    CpuDecoding().decode_request(plain, config)
     assert not plain.pixels
     assert plain.inputs["input"].shape == (1, 3, 224, 224)
     batches = make_batches([*prepared, plain], 8)
@@ -149,7 +165,7 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
     from nats.aio.msg import Msg
 
     from jetinfer.protocol import Limits
-    from jetinfer.worker.requests import prepare_request
+    from jetinfer.worker.prepare import prepare_request
 
     config = _image_model()
     msg = Msg(
@@ -159,7 +175,7 @@ def test_a_jpeg_left_for_the_gpu_still_needs_an_id(cat_jpeg: bytes) -> None:
         data=cat_jpeg,
         headers={"Content-Type": "image/jpeg", "Jetinfer-Reply-To": "_INBOX.x"},
     )
-    request = prepare_request(msg, config, max_batch=8, limits=Limits(), gpu_jpeg=True)
+    request = prepare_request(msg, config, max_batch=8, limits=Limits())
     assert request.request_id == "seq-7"
     assert request.error is not None
     assert "Nats-Msg-Id" in request.error.message

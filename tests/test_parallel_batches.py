@@ -16,17 +16,17 @@ import numpy as np
 from jetinfer.bench.engine import engine_bench
 from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository
-from jetinfer.worker.backends.base import load_backend
+from jetinfer.worker.backends.base import BackendOptions, load_backend
 from tests.conftest import NatsUnderTest, running_worker
 
 
 def test_onnxruntime_on_the_cpu_runs_batches_as_the_setting_says(model_repo: Any) -> None:
     repo, name = model_repo("identity")
     version = ModelRepository(repo).load_version(name, 1)
-    with load_backend(version) as default, load_backend(version, parallel_batches=2) as two:
+    with load_backend(version) as default, load_backend(version, BackendOptions(parallel_batches=2)) as two:
         assert default.batch_slots == 1
         assert two.batch_slots == 2
-    with load_backend(version, parallel_batches=3) as three:
+    with load_backend(version, BackendOptions(parallel_batches=3)) as three:
         assert three.batch_slots == 3
 
 
@@ -37,7 +37,7 @@ def test_concurrent_batches_each_get_their_own_answer(model_repo: Any) -> None:
     input_name = version.config.inputs[0].name
     output_name = version.config.outputs[0].name
     mismatches: list[int] = []
-    with load_backend(version, parallel_batches=4) as backend:
+    with load_backend(version, BackendOptions(parallel_batches=4)) as backend:
 
         def run(seed: int) -> None:
             rng = np.random.default_rng(seed)

@@ -356,16 +356,15 @@ def test_a_failing_runtime_call_raises_naming_the_function() -> None:
     assert raised.value.error_name.startswith("cudaError")
 
 
-def test_gpu_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("JETINFER_CUDA_GRAPHS", raising=False)
-    assert cuda.env_flag("cuda_graphs", True) is True
-    monkeypatch.setenv("JETINFER_CUDA_GRAPHS", "off")
-    assert cuda.env_flag("cuda_graphs", True) is False
-    monkeypatch.setenv("JETINFER_CUDA_GRAPHS", "Yes")
-    assert cuda.env_flag("cuda_graphs", False) is True
-    monkeypatch.setenv("JETINFER_CUDA_GRAPHS", "sometimes")
-    with pytest.raises(SettingsError, match="JETINFER_CUDA_GRAPHS"):
-        cuda.env_flag("cuda_graphs", True)
+def test_gpu_options_are_settings_with_flags_and_variables() -> None:
+    from jetinfer.settings import load_settings
+    from jetinfer.worker.settings import WorkerSettings
+
+    assert load_settings(WorkerSettings, environ={}).backend_options().cuda_graphs is True
+    off = load_settings(WorkerSettings, environ={"JETINFER_CUDA_GRAPHS": "off", "JETINFER_TORCH_FP16": "no"})
+    assert (off.backend_options().cuda_graphs, off.backend_options().fp16) == (False, False)
+    with pytest.raises(SettingsError, match="cuda_graphs"):
+        load_settings(WorkerSettings, environ={"JETINFER_CUDA_GRAPHS": "sometimes"})
 
 
 @pytest.mark.gpu

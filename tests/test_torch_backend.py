@@ -11,7 +11,7 @@ import pytest
 
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError, SettingsError, TooLargeError
 from jetinfer.repository import ModelConfig, ModelVersion, TensorSpec, write_version
-from jetinfer.worker.backends.base import load_backend
+from jetinfer.worker.backends.base import BackendOptions, load_backend
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the export extra)")
 
@@ -239,7 +239,7 @@ def test_a_gpu_asked_for_without_cuda_is_a_load_error(version: ModelVersion) -> 
     if CUDA:
         pytest.skip("checks the no-CUDA refusal; this machine has CUDA")
     with pytest.raises(ModelLoadError, match="sees no CUDA device"):
-        load_backend(version, device=0)
+        load_backend(version, BackendOptions(device=0))
 
 
 # -- CUDA (the H100): fp16, buckets, CUDA graphs, flat memory --------------------------------------
@@ -249,7 +249,7 @@ def test_a_gpu_asked_for_without_cuda_is_a_load_error(version: ModelVersion) -> 
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 3, 5, MAX_BATCH])
 def test_cuda_fp16_graphs_match_the_module(version: ModelVersion, net: Any, batch: int) -> None:
-    with load_backend(version, device=0) as backend:
+    with load_backend(version, BackendOptions(device=0)) as backend:
         assert isinstance(backend, TorchBackend)
         assert backend.on_cuda
         assert backend.fp16
@@ -265,7 +265,7 @@ def test_cuda_fp16_graphs_match_the_module(version: ModelVersion, net: Any, batc
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_without_graphs_or_fp16_matches_closely(version: ModelVersion, net: Any) -> None:
-    backend = TorchBackend(version, device=0, fp16=False, cuda_graphs=False)
+    backend = TorchBackend(version, BackendOptions(device=0, fp16=False, cuda_graphs=False))
     try:
         assert backend.graph_count == 0
         assert not backend.fp16
@@ -280,7 +280,7 @@ def test_cuda_without_graphs_or_fp16_matches_closely(version: ModelVersion, net:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_padding_does_not_leak_between_requests(version: ModelVersion, net: Any) -> None:
-    with load_backend(version, device=0) as backend:
+    with load_backend(version, BackendOptions(device=0)) as backend:
         big, small = frames(MAX_BATCH, seed=1), frames(3, seed=2)
         backend.infer({"images": big})  # leaves rows 3.. of the bucket-4 input holding other frames
         out = backend.infer({"images": small})["logits"]
@@ -292,7 +292,7 @@ def test_cuda_padding_does_not_leak_between_requests(version: ModelVersion, net:
 @needs_cuda
 def test_cuda_memory_is_flat_across_200_batches(version: ModelVersion) -> None:
     sizes = [1 + (i * 5) % MAX_BATCH for i in range(200)]
-    with load_backend(version, device=0) as backend:
+    with load_backend(version, BackendOptions(device=0)) as backend:
         backend.warmup()
         for size in sorted(set(sizes)):
             backend.infer({"images": frames(size)})
@@ -309,7 +309,7 @@ def test_cuda_memory_is_flat_across_200_batches(version: ModelVersion) -> None:
 @needs_cuda
 def test_cuda_memory_is_flat_across_reloads(version: ModelVersion) -> None:
     def cycle() -> None:
-        backend = load_backend(version, device=0)
+        backend = load_backend(version, BackendOptions(device=0))
         assert torch.cuda.memory_allocated(0) > baseline
         backend.infer({"images": frames(3)})
         backend.close()

@@ -1,7 +1,7 @@
 """The jetinfer worker: pulls micro-batches from JetStream, runs a backend, replies, acks."""
 
-from .pipeline import ModelServer
+from .pipeline import Pipeline
 from .service import Worker
 from .settings import WorkerSettings
 
-__all__ = ["ModelServer", "Worker", "WorkerSettings"]
+__all__ = ["Pipeline", "Worker", "WorkerSettings"]

@@ -37,6 +37,7 @@ from jetinfer.settings import StreamSettings
 from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject, infer_subject
 
 from .replies import publish_reply, valid_reply_subject
+from .settle import dlq_headers
 
 __all__ = ["ADVISORY_QUEUE", "DeadLetters", "max_deliveries_subject"]
 
@@ -108,17 +109,15 @@ class DeadLetters:
             f"request ran out of deliveries ({deliveries} of max_deliver {self._settings.max_deliver}) "
             "without an answer: the worker running it stopped or hung"
         )
-        dlq_headers = {k: v for k, v in headers.items() if k != HEADER_MSG_ID}
-        dlq_headers.update(
-            {
-                "Jetinfer-Dlq-Reason": "max_deliveries",
-                "Jetinfer-Dlq-Message": error.message,
-                "Jetinfer-Dlq-Deliveries": str(deliveries),
-                "Jetinfer-Request-Id": request_id[:256],
-                HEADER_MSG_ID: f"dlq-{INFER_STREAM}-{seq}",
-            }
+        copy = dlq_headers(
+            headers,
+            reason="max_deliveries",
+            message=error.message,
+            deliveries=deliveries,
+            request_id=request_id,
+            copy_id=f"dlq-{INFER_STREAM}-{seq}",
         )
-        ack = await self._js.publish(dlq_subject(model), stored.data, headers=dlq_headers, timeout=5)
+        ack = await self._js.publish(dlq_subject(model), stored.data, headers=copy, timeout=5)
         if not ack.duplicate:
             reply_to = headers.get(HEADER_REPLY_TO)
             if valid_reply_subject(reply_to):

@@ -1,11 +1,14 @@
-"""Micro-batches: valid requests grouped by per-frame shape, concatenated up to max_batch frames.
+"""Batch: valid requests grouped by per-frame shape into immutable batches of at most max_batch frames.
 
 A request is never split across batches, and the order of requests within a batch (and of frames
-within a request) is kept, so outputs can be sliced back per request.
+within a request) is kept, so outputs can be sliced back per request. A batch is either decoded
+inputs concatenated along the batch dimension, or encoded images for the preprocessing strategy
+to decode with the batch (on the GPU, or in the decoding processes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,32 +16,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .requests import PreparedRequest
+from .prepare import PreparedRequest
 
 __all__ = ["Batch", "make_batches", "split_outputs"]
 
 
-@dataclass
+@dataclass(frozen=True, slots=True, eq=False)
 class Batch:
-    """Requests that run together, and their inputs concatenated along the batch dimension."""
+    """Requests that run together, with their inputs concatenated (or their images still encoded)."""
 
-    requests: list[PreparedRequest]
+    requests: tuple[PreparedRequest, ...]
     inputs: dict[str, npt.NDArray[Any]]
-    #: The model input already on the GPU (decoded ahead while the previous batch ran), and the
-    #: preprocessing it was made with; None where the infer stage prepares it itself.
+    #: Every encoded image of the batch, in frame order (empty for a batch of decoded inputs).
+    encoded: tuple[bytes, ...] = ()
+    #: The model input already on the GPU (made ahead while the previous batch ran), and the
+    #: preprocessing it was made with; None where the run stage makes it.
     on_device: Any = None
     prepared_for: Any = None
 
     @property
-    def encoded(self) -> list[bytes] | None:
-        """The JPEGs of a batch left for the GPU decoder, or None for a batch of decoded inputs."""
-        if not self.requests or self.requests[0].encoded is None:
-            return None
-        return [r.encoded for r in self.requests if r.encoded is not None]
-
-    @property
     def pixels(self) -> bool:
-        """Whether the inputs are uint8 pixels for the GPU to normalise (`--gpu-normalise`)."""
+        """Whether the inputs are uint8 pixels for the GPU to normalise."""
         return bool(self.requests) and self.requests[0].pixels
 
     @property
@@ -46,14 +44,19 @@ class Batch:
         """Frames in the batch (the first dimension of every input)."""
         return sum(r.frames for r in self.requests)
 
+    def made_ahead(self, on_device: Any, preprocess: Any) -> Batch:
+        """This batch with its model input made ahead on the GPU with `preprocess`."""
+        return dataclasses.replace(self, on_device=on_device, prepared_for=preprocess)
 
-def _concatenate(requests: list[PreparedRequest]) -> dict[str, npt.NDArray[Any]]:
-    if requests[0].encoded is not None:
-        return {}  # decoded on the GPU when the batch runs
-    names = requests[0].inputs.keys()
+
+def _batch(requests: list[PreparedRequest]) -> Batch:
+    if requests[0].encoded:
+        return Batch(tuple(requests), {}, tuple(image for r in requests for image in r.encoded))
     if len(requests) == 1:
-        return dict(requests[0].inputs)
-    return {name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in names}
+        return Batch((requests[0],), dict(requests[0].inputs))
+    names = requests[0].inputs.keys()
+    inputs = {name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in names}
+    return Batch(tuple(requests), inputs)
 
 
 def make_batches(requests: Iterable[PreparedRequest], max_frames: int) -> list[Batch]:
@@ -72,9 +75,7 @@ def make_batches(requests: Iterable[PreparedRequest], max_frames: int) -> list[B
             filled[key] = 0
         current.append(request)
         filled[key] = filled.get(key, 0) + request.frames
-    return [
-        Batch(requests=chunk, inputs=_concatenate(chunk)) for chunks in groups.values() for chunk in chunks
-    ]
+    return [_batch(chunk) for chunks in groups.values() for chunk in chunks]
 
 
 def split_outputs(batch: Batch, outputs: dict[str, npt.NDArray[Any]]) -> list[dict[str, npt.NDArray[Any]]]:

@@ -18,10 +18,11 @@ from typing import Any
 
 from jetinfer.settings import add_arguments, load_settings
 
+from .backends.base import BackendFactory, load_backend
 from .service import Worker
 from .settings import WorkerSettings
 
-__all__ = ["register", "serve"]
+__all__ = ["register", "run_worker", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +39,37 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_serve_command)
 
 
-async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
-    """Run a worker until `stop` is set (or SIGTERM/SIGINT arrives)."""
+async def serve(
+    settings: WorkerSettings,
+    stop: asyncio.Event | None = None,
+    *,
+    backend_factory: BackendFactory = load_backend,
+) -> int:
+    """Run a worker until `stop` is set (or SIGTERM/SIGINT arrives); the exit status (1: it failed)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with Worker(settings) as worker:
+        async with Worker(settings, backend_factory=backend_factory) as worker:
             logger.info(
                 "worker %s serving %s; metrics on port %s",
                 settings.worker_id,
                 ", ".join(worker.models),
                 worker.health_port,
             )
-            await stop.wait()
+            stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(worker.failed.wait())
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            failed.cancel()
+            if worker.failed.is_set():
+                logger.error("stopping: a model's pipeline failed (logged above)")
+                return 1
             logger.info("stopping: finishing the batches in flight (grace %.0f s)", settings.grace_period_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    return 0
 
 
 def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:
@@ -73,11 +86,15 @@ def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    settings = load_settings(WorkerSettings, args)
+    return run_worker(load_settings(WorkerSettings, args))
+
+
+def run_worker(settings: WorkerSettings, *, backend_factory: BackendFactory = load_backend) -> int:
+    """The `jetinfer serve` process: run a worker until it is told to stop; its exit status."""
     if settings.gil_switch_ms:
         # Process-wide, so set here and not in Worker (which tests run inside pytest's process).
         sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
-    asyncio.run(serve(settings))
+    status = asyncio.run(serve(settings, backend_factory=backend_factory))
     busy = _busy_threads()
     if busy:
         # The worker has stopped and given back what it held; Python would still wait for these threads
@@ -89,5 +106,5 @@ def _serve_command(args: argparse.Namespace) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(status)
+    return status

@@ -21,8 +21,6 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError
 from jetinfer.repository import PreprocessConfig
 
-from .backends.cuda import env_flag
-
 __all__ = ["GpuJpegDecoder", "GpuNormaliser"]
 
 logger = logging.getLogger(__name__)
@@ -123,7 +121,12 @@ class GpuJpegDecoder:
     """Decodes a list of JPEGs into one normalised (N, C, H, W) or (N, H, W, C) tensor on a GPU."""
 
     def __init__(
-        self, config: PreprocessConfig, *, device: int | None = None, max_frames: int | None = None
+        self,
+        config: PreprocessConfig,
+        *,
+        device: int | None = None,
+        max_frames: int | None = None,
+        nvimgcodec: bool = False,
     ) -> None:
         try:
             import torch
@@ -141,8 +144,8 @@ class GpuJpegDecoder:
         self._nvimgcodec: Any = None
         self._hardware: Any = None  # nvImageCodec's decoder, where it loads and passes a self-test
         self.library = "torchvision"
-        # Opt-in: measured on the H100 it was no faster end to end than torchvision, and its memory grew.
-        if env_flag("nvimgcodec", default=False):
+        # Opt-in (--nvimgcodec): on the H100 no faster end to end than torchvision, and its memory grew.
+        if nvimgcodec:
             self._hardware = self._load_nvimgcodec()
 
     def _load_nvimgcodec(self) -> Any:
@@ -150,7 +153,7 @@ class GpuJpegDecoder:
 
         nvJPEG through torchvision decodes on the SMs the model needs; A100/H100-class GPUs also have a
         JPEG engine of their own, which nvImageCodec (`pip install nvidia-nvimgcodec-cu13`) can drive.
-        JETINFER_NVIMGCODEC=1 turns it on (docs/benchmarks.md has what it measured).
+        `--nvimgcodec` turns it on (docs/benchmarks.md has what it measured).
         """
         try:
             from nvidia import nvimgcodec  # type: ignore[import-not-found, unused-ignore]

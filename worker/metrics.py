@@ -65,6 +65,12 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.replies_refused = Counter(
+            "jetinfer_replies_refused",
+            "Replies the NATS server would not take (reply_refused: no permission; too_large: max_payload)",
+            ["model", "version", "status"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "jetinfer_inflight_requests",
             "Requests fetched and not yet acknowledged",

@@ -33,7 +33,7 @@ from jetinfer.errors import JetinferError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelConfig, ModelRepository, ModelVersion
 
-from .backends.base import Backend, load_backend
+from .backends.base import Backend, BackendFactory, BackendOptions, load_backend
 from .metrics import WorkerMetrics
 
 __all__ = ["LoadedModel", "ModelSlot", "ReloadResult", "check_outputs"]
@@ -114,15 +114,15 @@ class ModelSlot:
         repository: Path,
         *,
         metrics: WorkerMetrics,
-        device: int | None = None,
-        parallel_batches: int = 0,
+        options: BackendOptions | None = None,
+        backend_factory: BackendFactory = load_backend,
     ) -> None:
         self.repository = ModelRepository(repository)
-        self.parallel_batches = parallel_batches
         self.repository.model_dir(model)  # refuses names that are not plain model names
         self.model = model
         self.metrics = metrics
-        self.device = device
+        self.options = options if options is not None else BackendOptions()
+        self._backend_factory = backend_factory
         self.current: LoadedModel | None = None
         self.problem = "no version loaded yet"
         self._lock = threading.Lock()
@@ -177,7 +177,7 @@ class ModelSlot:
 
     def _load(self, version: int) -> LoadedModel:
         loaded_version = self.repository.load_version(self.model, version)
-        backend = load_backend(loaded_version, device=self.device, parallel_batches=self.parallel_batches)
+        backend = self._backend_factory(loaded_version, self.options)
         try:
             if loaded_version.config.warmup:
                 backend.warmup()

@@ -40,10 +40,12 @@ from jetinfer.streams import (
 
 from .advisories import DeadLetters
 from .backends import cuda
+from .backends.base import BackendFactory, load_backend
 from .health import HealthServer
 from .metrics import GpuProbe, WorkerMetrics
-from .pipeline import ModelServer
+from .pipeline import Pipeline
 from .reload import ModelSlot
+from .replies import ReplyRefusals
 from .settings import WorkerSettings
 
 __all__ = ["Worker"]
@@ -54,7 +56,13 @@ logger = logging.getLogger(__name__)
 class Worker:
     """Serves every configured model from one NATS connection."""
 
-    def __init__(self, settings: WorkerSettings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        backend_factory: BackendFactory = load_backend,
+    ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
@@ -70,12 +78,14 @@ class Worker:
                 m,
                 settings.repository,
                 metrics=self.metrics,
-                device=settings.device,
-                parallel_batches=settings.parallel_batches,
+                options=settings.backend_options(),
+                backend_factory=backend_factory,
             )
             for m in self.models
         }
-        self.servers: dict[str, ModelServer] = {}
+        self.servers: dict[str, Pipeline] = {}
+        self.failed = asyncio.Event()  # a pipeline failed: the worker must stop
+        self._refusals = ReplyRefusals()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._decode_pool = ThreadPoolExecutor(
@@ -115,6 +125,7 @@ class Worker:
             self.settings,
             name=f"jetinfer-worker-{self.settings.worker_id}",
             reconnected_cb=self._on_reconnect,
+            error_cb=self._refusals.on_error,
         )
         self._js = self._nc.jetstream()
         await ensure_streams(self._js, self.settings)
@@ -143,7 +154,7 @@ class Worker:
                 return
             assert self._nc is not None
             assert self._js is not None
-            server = ModelServer(
+            server = Pipeline(
                 model=model,
                 nc=self._nc,
                 js=self._js,
@@ -151,9 +162,15 @@ class Worker:
                 slot=self.slots[model],
                 metrics=self.metrics,
                 decode_pool=self._decode_pool,
+                refusals=self._refusals,
             )
-            await server.start()
+            task = await server.start()
+            task.add_done_callback(self._on_pipeline_done)
             self.servers[model] = server
+
+    def _on_pipeline_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed.set()  # the pipeline logged its failure; serve() stops the worker
 
     async def _on_reconnect(self) -> None:
         for server in self.servers.values():

@@ -10,7 +10,9 @@ from pathlib import Path
 from jetinfer.protocol import MODEL_NAME_PATTERN
 from jetinfer.settings import ConnectionSettings, StreamSettings, require, setting
 
-__all__ = ["WorkerSettings"]
+from .backends.base import BackendOptions
+
+__all__ = ["BackendSettings", "WorkerSettings"]
 
 
 def _default_worker_id() -> str:
@@ -18,7 +20,53 @@ def _default_worker_id() -> str:
 
 
 @dataclass(kw_only=True)
-class WorkerSettings(ConnectionSettings, StreamSettings):
+class BackendSettings:
+    """How backends load and run a model: `jetinfer serve` and `jetinfer engine-bench` share these."""
+
+    device: int | None = setting(None, "GPU index (default: CUDA_VISIBLE_DEVICES / the first GPU)")
+    parallel_batches: int = setting(
+        0,
+        "batches run at once where the backend can: onnxruntime on the CPU shares the cores among them "
+        "(2: more throughput under load, a lone request on half the cores); GPU backends run one at a "
+        "time; 0: the backend's choice (1)",
+    )
+    cuda_graphs: bool = setting(
+        True,
+        "torch and TensorRT on a GPU: capture a CUDA graph per batch bucket (flat memory, less launch time)",
+    )
+    torch_fp16: bool = setting(
+        True, "torch on a GPU: run floating-point models in fp16 where they run correctly so"
+    )
+    torch_channels_last: bool = setting(
+        True, "torch on a GPU: channels-last memory for 4-D inputs where the model runs correctly so"
+    )
+    ort_threads: int = setting(
+        0, "onnxruntime: intra-op threads per batch (0: all cores, shared among --parallel-batches)"
+    )
+    ort_spinning: bool = setting(
+        False, "onnxruntime: let idle intra-op threads spin (faster alone, slower beside decoding and NATS)"
+    )
+
+    def __post_init__(self) -> None:
+        require(self.device is None or self.device >= 0, "device", "must be a GPU index >= 0")
+        require(0 <= self.parallel_batches <= 16, "parallel_batches", "must be 0..16")
+        require(0 <= self.ort_threads <= 1024, "ort_threads", "must be 0..1024")
+
+    def backend_options(self) -> BackendOptions:
+        """The options every backend is loaded with."""
+        return BackendOptions(
+            device=self.device,
+            parallel_batches=self.parallel_batches,
+            cuda_graphs=self.cuda_graphs,
+            fp16=self.torch_fp16,
+            channels_last=self.torch_channels_last,
+            intra_op_threads=self.ort_threads,
+            spinning=self.ort_spinning,
+        )
+
+
+@dataclass(kw_only=True)
+class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
     """Everything `jetinfer serve` can be told."""
 
     repository: Path = setting(Path("/models"), "model repository folder (Triton layout)")
@@ -33,12 +81,6 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     )
     pipeline_depth: int = setting(
         1, "prepared batches waiting for the engine (fetch/decode of the next overlaps inference)"
-    )
-    parallel_batches: int = setting(
-        0,
-        "batches run at once where the backend can: onnxruntime on the CPU shares the cores among them "
-        "(2: more throughput under load, a lone request on half the cores); GPU backends run one at a "
-        "time; 0: the backend's choice (1)",
     )
     fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
     decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")
@@ -70,7 +112,11 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         "how long a busy thread may hold Python's GIL before another waiting thread gets it (0: Python's "
         "5 ms); shorter hands it sooner to the threads that feed the GPU and the decoding processes",
     )
-    device: int | None = setting(None, "GPU index (default: CUDA_VISIBLE_DEVICES / the first GPU)")
+    nvimgcodec: bool = setting(
+        False,
+        "with --gpu-decode, decode with nvImageCodec (the GPU's hardware JPEG engine first) where it is "
+        "installed and passes a self-test; else torchvision's nvJPEG",
+    )
     reload_poll_s: float = setting(30.0, "poll the repository for new versions this often (0: signal only)")
     lag_poll_s: float = setting(5.0, "read consumer lag from the server this often (for metrics)")
     heartbeat_s: float = setting(
@@ -79,6 +125,7 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
     worker_id: str = setting(_default_worker_id(), "this worker's name in replies to control messages")
 
     def __post_init__(self) -> None:
+        BackendSettings.__post_init__(self)
         ConnectionSettings.__post_init__(self)
         StreamSettings.__post_init__(self)
         require(len(str(self.repository)) > 0, "repository", "give the model repository folder")
@@ -89,7 +136,6 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         require(0 <= self.max_batch <= 4096, "max_batch", "must be 0..4096")
         require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", "must be 0..10000")
         require(1 <= self.pipeline_depth <= 16, "pipeline_depth", "must be 1..16")
-        require(0 <= self.parallel_batches <= 16, "parallel_batches", "must be 0..16")
         require(
             not ((self.gpu_decode or self.gpu_normalise) and self.parallel_batches > 1),
             "parallel_batches",
@@ -115,7 +161,6 @@ class WorkerSettings(ConnectionSettings, StreamSettings):
         )
         require(0 < self.grace_period_s <= 3600, "grace_period_s", "must be above 0 and at most 3600")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port (0 disables)")
-        require(self.device is None or self.device >= 0, "device", "must be a GPU index >= 0")
         require(self.reload_poll_s >= 0, "reload_poll_s", "must be >= 0")
         require(self.lag_poll_s > 0, "lag_poll_s", "must be above 0")
         require(0.1 <= self.heartbeat_s <= 30, "heartbeat_s", "must be 0.1..30")

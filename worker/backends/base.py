@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy.typing as npt
 from jetinfer.errors import JetinferError, ModelLoadError
 from jetinfer.repository import ModelVersion, TensorSpec
 
-__all__ = ["BACKEND_MODULES", "Backend", "load_backend"]
+__all__ = ["BACKEND_MODULES", "Backend", "BackendFactory", "BackendOptions", "load_backend"]
 
 #: Backend name (from the manifest) -> module that holds its `Backend` subclass as `BACKEND`.
 BACKEND_MODULES: Final = {
@@ -29,17 +30,41 @@ BACKEND_MODULES: Final = {
 }
 
 
+@dataclass(frozen=True, kw_only=True)
+class BackendOptions:
+    """How a backend loads and runs a version. Every field is a worker setting (a flag and a `JETINFER_*`
+    variable, in `jetinfer serve --help`); backends read nothing else."""
+
+    #: GPU index (None: the first GPU CUDA_VISIBLE_DEVICES leaves visible).
+    device: int | None = None
+    #: Batches the worker runs at once where the backend can (onnxruntime on the CPU); 0: its choice.
+    parallel_batches: int = 0
+    #: Capture CUDA graphs per batch bucket (torch, TensorRT).
+    cuda_graphs: bool = True
+    #: torch: run floating-point models in fp16 where they run correctly so.
+    fp16: bool = True
+    #: torch: channels-last memory for 4-D inputs where it runs correctly so.
+    channels_last: bool = True
+    #: onnxruntime: intra-op threads (0: onnxruntime's choice, or the cores shared among parallel batches).
+    intra_op_threads: int = 0
+    #: onnxruntime: let idle intra-op threads spin (burns the cores decoding and NATS need).
+    spinning: bool = False
+
+
+#: What the worker calls to load a version (`load_backend`; tests pass their own).
+BackendFactory = Callable[[ModelVersion, BackendOptions], "Backend"]
+
+
 class Backend(abc.ABC):
     """One loaded model version."""
 
     name: str = "backend"
 
-    def __init__(
-        self, version: ModelVersion, *, device: int | None = None, parallel_batches: int = 0
-    ) -> None:
+    def __init__(self, version: ModelVersion, options: BackendOptions | None = None) -> None:
         self.version = version
-        self.device = device
-        self.parallel_batches = parallel_batches  # what the worker asked for (0: the backend's choice)
+        self.options = options if options is not None else BackendOptions()
+        self.device = self.options.device
+        self.parallel_batches = self.options.parallel_batches  # asked for (0: the backend's choice)
         self._closed = False
 
     @property
@@ -116,15 +141,15 @@ def _np_dtype(spec: TensorSpec) -> np.dtype[Any]:
     return DATATYPES[spec.datatype]
 
 
-def load_backend(version: ModelVersion, *, device: int | None = None, parallel_batches: int = 0) -> Backend:
-    """Load `version` with the backend its manifest names.
+def load_backend(version: ModelVersion, options: BackendOptions | None = None) -> Backend:
+    """Load `version` with the backend its manifest names, with `options` (defaults where None).
 
-    `parallel_batches` is how many batches the worker would run at once (0: the backend's choice);
-    backends that can (onnxruntime on the CPU) share the cores among them, the others ignore it.
+    `options.parallel_batches` is how many batches the worker would run at once (0: the backend's
+    choice); backends that can (onnxruntime on the CPU) share the cores among them, the others ignore it.
     """
     module_name = BACKEND_MODULES.get(version.backend)
     if module_name is None:
         raise ModelLoadError(f"{version.path}: unknown backend {version.backend!r}")
     module = importlib.import_module(module_name)
     backend_cls: type[Backend] = module.BACKEND
-    return backend_cls(version, device=device, parallel_batches=parallel_batches)
+    return backend_cls(version, options)

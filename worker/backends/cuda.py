@@ -9,9 +9,8 @@ logged at ERROR with the CUDA error, never raised from `close()` and never silen
 The runtime API keeps the current device per thread: a backend calls `set_device` at the start of
 every call it makes from a thread (loading and `infer` may run on different threads).
 
-`stage` (the multi-threaded copy of a batch into pinned memory) and `env_flag` (the boolean
-``JETINFER_*`` settings the GPU backends read) serve both GPU backends. cuda-python is imported on
-first use, so importing this module needs neither it nor a GPU.
+`stage` (the multi-threaded copy of a batch into pinned memory) serves both GPU backends. cuda-python
+is imported on first use, so importing this module needs neither it nor a GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from jetinfer.errors import BackendError, ModelLoadError, SettingsError
+from jetinfer.errors import BackendError, ModelLoadError
 
 __all__ = [
     "Closable",
@@ -43,7 +42,6 @@ __all__ = [
     "compute_capability",
     "cuda_call",
     "device_count",
-    "env_flag",
     "runtime",
     "set_device",
     "shutdown_staging",
@@ -114,22 +112,6 @@ def check(result: Any, function: str = "CUDA call") -> Any:
 def cuda_call(function: Callable[..., Any], *args: Any) -> Any:
     """Call a `cuda.bindings.runtime` function and `check` its result, naming the function on failure."""
     return check(function(*args), getattr(function, "__name__", repr(function)))
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def env_flag(setting: str, default: bool) -> bool:
-    """A boolean GPU-backend setting from `JETINFER_<SETTING>` (1/0, true/false, yes/no, on/off)."""
-    raw = os.environ.get("JETINFER_" + setting.upper(), "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise SettingsError(setting, f"{raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
 
 
 _PARALLEL_COPY_BYTES = 8 * 1024 * 1024

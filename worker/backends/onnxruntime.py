@@ -13,7 +13,7 @@ from jetinfer.errors import BackendError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
 
-from .base import Backend
+from .base import Backend, BackendOptions
 
 __all__ = ["BACKEND", "OnnxRuntimeBackend"]
 
@@ -31,24 +31,19 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        version: ModelVersion,
-        *,
-        device: int | None = None,
-        intra_op_threads: int = 0,
-        parallel_batches: int = 0,
-    ) -> None:
-        super().__init__(version, device=device, parallel_batches=parallel_batches)
+    def __init__(self, version: ModelVersion, options: BackendOptions | None = None) -> None:
+        super().__init__(version, options)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        device = self.device
+
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning intra-op threads burn the cores that decoding and NATS need between parallel sections;
-        # off by default (measured: engine-only the same, end to end faster); JETINFER_ORT_SPINNING=1
-        # turns it on.
-        spinning = os.environ.get("JETINFER_ORT_SPINNING", "0")
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        # off by default (measured: engine-only the same, end to end faster; --ort-spinning turns it on).
+        session_options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"
+        )
         available = set(ort.get_available_providers())
         providers: list[Any] = []
         for provider in _PREFERRED_PROVIDERS:
@@ -63,13 +58,15 @@ class OnnxRuntimeBackend(Backend):
         self._slots = 1
         if providers == ["CPUExecutionProvider"]:
             self._slots = self.parallel_batches or _DEFAULT_CPU_SLOTS
-        threads = intra_op_threads or int(os.environ.get("JETINFER_ORT_THREADS", "0"))
+        threads = self.options.intra_op_threads
         if not threads and self._slots > 1:
             threads = max(1, (os.cpu_count() or 1) // self._slots)
         if threads:
-            options.intra_op_num_threads = threads
+            session_options.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(str(version.model_file), options, providers=providers)
+            self._session = ort.InferenceSession(
+                str(version.model_file), session_options, providers=providers
+            )
         except Exception as exc:
             raise ModelLoadError(f"{version.model_file}: onnxruntime cannot load it: {exc}") from exc
         session_inputs = {i.name for i in self._session.get_inputs()}

@@ -17,7 +17,7 @@ Loading, in order (each failure is a `ModelLoadError` that says what to do, neve
 `infer`: validate the batch against the engine's shapes, copy each input into its pinned buffer,
 `set_input_shape`, async host-to-device copies, `execute_async_v3` (or the CUDA graph captured for
 that shape), async device-to-host copies, stream synchronise, copy the outputs out. With CUDA graphs
-on (`JETINFER_CUDA_GRAPHS`, default on), the first batch of each shape runs normally and the
+on (`--cuda-graphs`, default on), the first batch of each shape runs normally and the
 enqueue is then captured; later batches of that shape launch the graph. A capture TensorRT cannot
 do (loops, data-dependent shapes) is logged once and that shape runs without a graph.
 """
@@ -41,7 +41,7 @@ from jetinfer.repository import ModelVersion
 from jetinfer.tensorrt_log import tensorrt_logger, tensorrt_said
 
 from . import cuda
-from .base import Backend
+from .base import Backend, BackendOptions
 
 if TYPE_CHECKING:
     # tensorrt-stubs installs its .pyi files without a py.typed marker: see `import_tensorrt`.
@@ -168,17 +168,10 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(
-        self,
-        version: ModelVersion,
-        *,
-        device: int | None = None,
-        cuda_graphs: bool | None = None,
-        parallel_batches: int = 0,
-    ) -> None:
-        super().__init__(version, device=device, parallel_batches=parallel_batches)
-        self._gpu = _gpu_index(device)
-        self._use_graphs = cuda.env_flag("cuda_graphs", True) if cuda_graphs is None else cuda_graphs
+    def __init__(self, version: ModelVersion, options: BackendOptions | None = None) -> None:
+        super().__init__(version, options)
+        self._gpu = _gpu_index(self.device)
+        self._use_graphs = self.options.cuda_graphs
         self._lock = threading.Lock()
         self._runtime: trt.Runtime | None = None
         self._engine: trt.ICudaEngine | None = None

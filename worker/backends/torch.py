@@ -1,19 +1,19 @@
 """PyTorch backend (model.pt2 from `torch.export`): fp16 and CUDA graphs per batch bucket on a GPU.
 
-On a CUDA device (the `device` argument, else the first device CUDA_VISIBLE_DEVICES leaves visible):
+On a CUDA device (`--device`, else the first device CUDA_VISIBLE_DEVICES leaves visible):
 
 - the exported program is moved to the device (`move_to_device_pass`) and run in the fastest form
-  it runs correctly in: fp16 (`JETINFER_TORCH_FP16`, default on) and channels-last memory
-  (`JETINFER_TORCH_CHANNELS_LAST`, default on; ResNet-50 at batch 256 on the H100: 18 ms instead of
-  27). Each form is probed with one batch at load time, falling back to fp16 without channels-last,
-  then to fp32 (a graph with a `.float()` inside refuses fp16). Floating inputs are cast on the
+  it runs correctly in: fp16 (`--torch-fp16`, default on) and channels-last memory
+  (`--torch-channels-last`, default on; ResNet-50 at batch 256 on the H100: 18 ms instead of 27).
+  Each form is probed with one batch at load time, falling back to fp16 without channels-last, then
+  to fp32 (a graph with a `.float()` inside refuses fp16). Floating inputs are cast on the
   device; outputs are cast back to the datatypes the model config gives;
 - batches are padded up to a bucket (powers of two up to max_batch, and max_batch itself), so only a
   few shapes ever run;
 - one device buffer per input (max_batch rows) and one pinned host staging buffer per input and per
   output are allocated at load time; each batch is copied into the pinned buffer (large batches on
   several threads), then to the device with `non_blocking` copies on the backend's own stream;
-- with CUDA graphs on (`JETINFER_CUDA_GRAPHS`, default on) every bucket is warmed up and captured
+- with CUDA graphs on (`--cuda-graphs`, default on) every bucket is warmed up and captured
   at load time (largest first, sharing one memory pool), and `infer` only replays: GPU memory stays
   flat across requests. Models with dynamic dimensions other than the batch run eagerly;
 - `close()` frees graphs, buffers and weights and empties torch's cache; the stream goes back to a
@@ -44,7 +44,7 @@ from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
 
 from . import cuda
-from .base import Backend
+from .base import Backend, BackendOptions
 
 __all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch"]
 
@@ -103,17 +103,8 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(
-        self,
-        version: ModelVersion,
-        *,
-        device: int | None = None,
-        fp16: bool | None = None,
-        cuda_graphs: bool | None = None,
-        channels_last: bool | None = None,
-        parallel_batches: int = 0,
-    ) -> None:
-        super().__init__(version, device=device, parallel_batches=parallel_batches)
+    def __init__(self, version: ModelVersion, options: BackendOptions | None = None) -> None:
+        super().__init__(version, options)
         self._lock = threading.Lock()
         self._torch: Any = None
         self._module: Any = None
@@ -134,7 +125,7 @@ class TorchBackend(Backend):
         self.fp16 = False
         self.cuda_graphs = False
         self.channels_last = False
-        self._load_or_release(lambda: self._load(fp16, cuda_graphs, channels_last), self._release, "torch")
+        self._load_or_release(self._load, self._release, "torch")
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -164,7 +155,7 @@ class TorchBackend(Backend):
             )
         return torch.device("cpu")
 
-    def _load(self, fp16: bool | None, cuda_graphs: bool | None, channels_last: bool | None) -> None:
+    def _load(self) -> None:
         torch = self._torch = import_torch()
         path = self.version.model_file
         self._device = self._pick_device(torch)
@@ -186,15 +177,9 @@ class TorchBackend(Backend):
                 pass
             else:
                 program = move_to_device_pass(program, self._device)
-            self.cuda_graphs = cuda.env_flag("cuda_graphs", True) if cuda_graphs is None else cuda_graphs
-            self._module = self._fastest_module(
-                program,
-                cuda.env_flag("torch_fp16", True) if fp16 is None else fp16,
-                cuda.env_flag("torch_channels_last", True) if channels_last is None else channels_last,
-            )
+            self.cuda_graphs = self.options.cuda_graphs
+            self._module = self._fastest_module(program, self.options.fp16, self.options.channels_last)
         else:
-            if fp16 or channels_last:
-                logger.warning("torch: %s runs on the CPU: fp32, contiguous", path)
             self._module = program.module()
         if self.on_cuda and self._static:
             self._prepare_cuda()

@@ -1,20 +1,17 @@
-"""Pulling requests from the durable consumer, and deciding how each one is acknowledged.
+"""Intake: keeping pull requests outstanding on the durable consumer, and handing on what arrives.
 
 `PullConsumer` keeps a bounded number of requests asked for from JetStream at all times (a
 continuous pull with idle heartbeats, the way nats.go's `Consume` works), so the next batch is
 already on its way while the current one runs. A pull that stops answering (no message and no
 heartbeat for three heartbeat intervals, or a reconnect) is renewed: no silent stall after a
-reconnect.
-
-`decide_ack` is the one place where an outcome becomes an ack, a nak or a term; handlers never
-ack themselves.
+reconnect. It never decodes and never acknowledges: what it hands on is a `Delivery`, which the
+settle stage answers for from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import time
@@ -26,62 +23,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from jetinfer.cleanup import logged
-from jetinfer.errors import PermanentError, RequestError, RetryableError
 
-__all__ = [
-    "AckAction",
-    "AckDecision",
-    "PullConsumer",
-    "Received",
-    "decide_ack",
-    "delivery_info",
-]
+__all__ = ["Delivery", "PullConsumer", "delivery_info"]
 
 logger = logging.getLogger(__name__)
-
-
-class AckAction(enum.Enum):
-    """What happens to a message once its request is handled."""
-
-    ACK = "ack"  # reply published: done
-    TERM = "term"  # permanent failure: error reply sent, copy in DLQ, never redelivered
-    NAK = "nak"  # transient failure or not started: redeliver after `delay_s`
-
-
-@dataclass(frozen=True)
-class AckDecision:
-    """An ack action with its reasons."""
-
-    action: AckAction
-    delay_s: float = 0.0
-    reply_error: bool = False  # send an error reply before acting
-    to_dlq: bool = False  # copy the request to the DLQ before acting
-
-
-def decide_ack(
-    error: RequestError | None,
-    *,
-    deliveries: int,
-    max_deliver: int,
-    nak_delay_s: float,
-    started: bool = True,
-) -> AckDecision:
-    """Map an outcome to an ack decision.
-
-    - success: ACK (the reply is already published)
-    - not started (shutdown): NAK at once, so another worker takes it now
-    - permanent error: error reply, DLQ copy, TERM
-    - retryable error: NAK with a growing delay; on the last allowed delivery, error reply, DLQ, TERM
-    """
-    if not started:
-        return AckDecision(AckAction.NAK, delay_s=0.0)
-    if error is None:
-        return AckDecision(AckAction.ACK)
-    if isinstance(error, PermanentError):
-        return AckDecision(AckAction.TERM, reply_error=True, to_dlq=True)
-    if isinstance(error, RetryableError) and deliveries < max_deliver:
-        return AckDecision(AckAction.NAK, delay_s=nak_delay_s)
-    return AckDecision(AckAction.TERM, reply_error=True, to_dlq=True)
 
 
 def delivery_info(msg: Msg) -> tuple[int, float]:
@@ -97,8 +42,8 @@ def delivery_info(msg: Msg) -> tuple[int, float]:
 
 
 @dataclass(slots=True, eq=False)
-class Received:
-    """A message this worker holds, and when it last told the server so (arrival, ack or in-progress)."""
+class Delivery:
+    """A message this worker holds, and when it last told the server so (arrival or in-progress)."""
 
     msg: Msg
     touched: float
@@ -127,7 +72,7 @@ class PullConsumer:
         self.capacity = max(1, capacity)
         self.heartbeat_s = heartbeat_s
         self.expires_s = max(expires_s, heartbeat_s * 4)
-        self._queue: deque[Received] = deque()
+        self._queue: deque[Delivery] = deque()
         self._ready = asyncio.Event()
         self._pending = 0  # messages asked for and not yet received
         self._last_seen = time.monotonic()
@@ -158,7 +103,7 @@ class PullConsumer:
         status = headers.get("Status") if headers and not msg.reply else None
         if not status:
             self._pending = max(0, self._pending - 1)
-            self._queue.append(Received(msg, self._last_seen))
+            self._queue.append(Delivery(msg, self._last_seen))
             self._ready.set()
             return
         if status == "100":  # idle heartbeat (or flow control): the pull is alive
@@ -227,11 +172,11 @@ class PullConsumer:
             elif self._pending == 0:
                 await self.refill()
 
-    def buffered_entries(self) -> list[Received]:
+    def buffered_entries(self) -> list[Delivery]:
         """The messages received and not yet taken (the in-progress watchdog keeps them alive too)."""
         return list(self._queue)
 
-    async def get(self, max_items: int, max_wait_s: float, *, poll_s: float = 0.5) -> list[Received]:
+    async def get(self, max_items: int, max_wait_s: float, *, poll_s: float = 0.5) -> list[Delivery]:
         """Up to `max_items` messages: waits (up to `poll_s`) for the first, then up to `max_wait_s` for more.
 
         Returns an empty list when nothing arrived within `poll_s`, so callers can check for shutdown.

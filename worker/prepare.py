@@ -1,9 +1,10 @@
-"""Turning a JetStream message into a validated request, ready to batch.
+"""Prepare: a delivered message becomes a validated request, or a rejection.
 
-`prepare_request` never raises: a bad request comes back with its `error` set, so the ack
-policy can answer it and terminate it. Validation happens before any allocation: header and
-size checks first, then msgpack's own limits, then element count × datatype size = bytes, shape
-within the model's spec, frames within max_batch.
+`prepare_request` is pure (no NATS call, no decoding of images) and never raises: a bad request
+comes back with its `error` set, for the settle stage to answer and terminate. Validation happens
+before any allocation: header and size checks first, then msgpack's own limits, then element count
+× datatype size = bytes, shape within the model's spec, frames within max_batch. An image request
+keeps its encoded bytes (`encoded`); the preprocessing strategy decides where they are decoded.
 """
 
 from __future__ import annotations
@@ -23,37 +24,40 @@ from jetinfer.errors import (
     RequestError,
     TooLargeError,
 )
-from jetinfer.images import decode_pixels, preprocess_image
 from jetinfer.protocol import (
-    CONTENT_TYPE_JPEG,
     CONTENT_TYPE_MSGPACK,
     HEADER_CONTENT_TYPE,
     HEADER_DEADLINE,
     HEADER_MSG_ID,
     HEADER_REPLY_TO,
     IMAGE_CONTENT_TYPES,
+    MAX_ID_LENGTH,
     Limits,
     decode_request,
 )
 from jetinfer.repository import ModelConfig
 
-from .consumer import delivery_info
+from .intake import delivery_info
 
 __all__ = [
     "PreparedRequest",
     "check_deadline",
     "is_jpeg",
-    "leaves_encoded",
     "prepare_request",
     "request_content_type",
+    "unprepared",
 ]
 
 _REPLY_SUBJECT: Final = re.compile(r"[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*")
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class PreparedRequest:
-    """A request taken from the stream: its identity, where to reply, and its inputs or its error."""
+    """A request taken from the stream: its identity, where to reply, and its inputs or its error.
+
+    Filled in by prepare and, for images, by the preprocessing strategy's CPU decoding; unchanged
+    once it is in a batch.
+    """
 
     msg: Msg
     request_id: str
@@ -65,13 +69,13 @@ class PreparedRequest:
     frames: int = 0
     error: RequestError | None = None
     content_type: str = CONTENT_TYPE_MSGPACK
-    encoded: bytes | None = None  # an image left encoded for --gpu-decode or --decode-processes
-    pixels: bool = False  # inputs hold (1, H, W, 3) uint8 pixels for the GPU to normalise (--gpu-normalise)
+    encoded: tuple[bytes, ...] = ()  # encoded images, one per frame, not decoded yet
+    pixels: bool = False  # inputs hold (N, H, W, 3) uint8 pixels for the GPU to normalise
 
     @property
     def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Per-frame shapes; requests with the same key can share a batch."""
-        if self.encoded is not None:
+        if self.encoded:
             return (("encoded-image", ()),)
         if self.pixels:
             return tuple(sorted((f"pixels:{n}", tuple(a.shape[1:])) for n, a in self.inputs.items()))
@@ -86,12 +90,6 @@ def request_content_type(headers: Mapping[str, str] | None) -> str:
 def is_jpeg(data: bytes) -> bool:
     """Whether `data` starts like a JPEG (SOI marker, then another marker)."""
     return data[:3] == b"\xff\xd8\xff"
-
-
-def leaves_encoded(content_type: str, data: bytes, *, gpu_jpeg: bool, defer_images: bool) -> bool:
-    """Whether an image request is left encoded here, to be decoded with its batch: by nvJPEG
-    (`gpu_jpeg`, JPEGs only) or by the decoding processes (`defer_images`, any image)."""
-    return defer_images or (gpu_jpeg and content_type == CONTENT_TYPE_JPEG and is_jpeg(data))
 
 
 def check_deadline(request: PreparedRequest, now: float | None = None) -> None:
@@ -131,16 +129,10 @@ def prepare_request(
     *,
     max_batch: int,
     limits: Limits,
-    gpu_jpeg: bool = False,
-    gpu_pixels: bool = False,
-    defer_images: bool = False,
 ) -> PreparedRequest:
-    """Decode and validate one message for `config`. Never raises; errors are set on the result.
+    """Read and validate one message for `config`. Never raises; errors are set on the result.
 
-    With `gpu_jpeg`, a JPEG request is checked for size only and left encoded for the GPU decoder.
-    With `gpu_pixels`, an image is decoded to uint8 pixels here and normalised on the GPU later.
-    With `defer_images`, every image is checked for size only and left encoded for the batch's
-    decoding processes (`--decode-processes`).
+    Tensors are decoded and checked here; an image is checked for size and kept encoded.
     """
     headers = msg.headers or {}
     deliveries, enqueued_at = delivery_info(msg)
@@ -170,15 +162,8 @@ def prepare_request(
                 raise InvalidInputError(f"model {config.name} takes tensors, not {content_type} images")
             if len(msg.data) > limits.max_bytes:
                 raise TooLargeError(f"image of {len(msg.data)} bytes is over {limits.max_bytes}")
-            if leaves_encoded(content_type, msg.data, gpu_jpeg=gpu_jpeg, defer_images=defer_images):
-                request.encoded = bytes(msg.data)
-                request.frames = 1
-            elif gpu_pixels:
-                request.inputs = {config.preprocess.input: decode_pixels(msg.data, config.preprocess)}
-                request.pixels = True
-                request.frames = 1
-            else:
-                inputs = {config.preprocess.input: preprocess_image(msg.data, config.preprocess)}
+            request.encoded = (bytes(msg.data),)
+            request.frames = 1
         elif content_type == CONTENT_TYPE_MSGPACK:
             decoded = decode_request(msg.data, limits=limits)
             if decoded.id != request_id and request_id:
@@ -196,7 +181,7 @@ def prepare_request(
             raise InvalidInputError(
                 f"Content-Type {content_type[:64]!r} is not one of application/msgpack, image/jpeg, image/png"
             )
-        if request.frames == 0:  # decoded here: validate; pixels and encoded JPEGs are one frame by design
+        if request.frames == 0:  # tensors: validate; an encoded image is one frame by design
             request.frames = _validate(inputs, config, max_batch)
             request.inputs = inputs
     except RequestError as exc:
@@ -204,8 +189,23 @@ def prepare_request(
     except Exception as exc:  # never let a malformed request escape as a crash
         request.error = InvalidInputError(f"cannot read request: {type(exc).__name__}: {exc}")
     if not request.request_id:
-        seq = msg.reply.split(".")[5] if msg.reply and msg.reply.count(".") >= 8 else "?"
-        request.request_id = f"seq-{seq}"
+        request.request_id = _sequence_id(msg)
         if request.error is None:
             request.error = InvalidInputError(f"request has no id: set the {HEADER_MSG_ID} header")
     return request
+
+
+def unprepared(msg: Msg) -> PreparedRequest:
+    """A message's identity alone (id, deliveries), with no reply subject: for settling a message whose
+    preparation failed, where nothing else it carries can be trusted."""
+    deliveries, enqueued_at = delivery_info(msg)
+    request_id = (msg.headers or {}).get(HEADER_MSG_ID, "")[:MAX_ID_LENGTH] or _sequence_id(msg)
+    return PreparedRequest(
+        msg=msg, request_id=request_id, reply_to=None, deliveries=deliveries, enqueued_at=enqueued_at
+    )
+
+
+def _sequence_id(msg: Msg) -> str:
+    """`seq-<stream sequence>` from the ack subject, for a request that carries no id."""
+    seq = msg.reply.split(".")[5] if msg.reply and msg.reply.count(".") >= 8 else "?"
+    return f"seq-{seq}"
