@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -24,7 +25,7 @@ from nats.aio.subscription import Subscription
 
 from jetinfer.cleanup import logged
 
-__all__ = ["Delivery", "PullConsumer", "delivery_info"]
+__all__ = ["Delivery", "Intake", "PullConsumer", "delivery_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,27 @@ class Delivery:
 
     msg: Msg
     touched: float
+
+
+class Intake(Protocol):
+    """What the pipeline needs of its intake (`PullConsumer`; tests give their own)."""
+
+    capacity: int
+
+    async def start(self) -> None:
+        """Start asking for messages."""
+
+    async def get(self, max_items: int, max_wait_s: float) -> list[Delivery]:
+        """Up to `max_items` deliveries (an empty list now and then, so the caller can look up)."""
+
+    def buffered_entries(self) -> list[Delivery]:
+        """Deliveries received and not yet taken."""
+
+    async def renew(self) -> None:
+        """Ask again (after a reconnect)."""
+
+    async def stop(self) -> list[Msg]:
+        """Stop asking; return what was received and never taken."""
 
 
 #: Pull statuses that end a pull request normally (expired, or nothing to deliver): ask again at once.

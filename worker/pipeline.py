@@ -32,7 +32,7 @@ from jetinfer.streams import INFER_STREAM, consumer_name
 
 from .batcher import Batch
 from .forming import BatchFormer
-from .intake import PullConsumer
+from .intake import Intake, PullConsumer
 from .metrics import WorkerMetrics
 from .preprocess import Preprocessing, choose_preprocessing
 from .reload import ModelSlot
@@ -60,6 +60,7 @@ class Pipeline:
         metrics: WorkerMetrics,
         decode_pool: ThreadPoolExecutor,
         refusals: ReplyRefusals,
+        intake: Intake | None = None,
     ) -> None:
         self.model = model
         self._nc = nc
@@ -68,7 +69,7 @@ class Pipeline:
         self._metrics = metrics
         self._decode_pool = decode_pool
         self.settler = Settler(model, nc, js, settings, metrics, refusals)
-        self.intake = PullConsumer(
+        self.intake: Intake = intake or PullConsumer(
             nc, INFER_STREAM, consumer_name(model), capacity=1, heartbeat_s=settings.heartbeat_s
         )
         self._preprocessing: Preprocessing | None = None

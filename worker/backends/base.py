@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from jetinfer.errors import JetinferError, ModelLoadError
+from jetinfer.errors import InvalidInputError, JetinferError, ModelLoadError, TooLargeError
 from jetinfer.repository import ModelVersion, TensorSpec
 
 __all__ = ["BACKEND_MODULES", "Backend", "BackendFactory", "BackendOptions", "load_backend"]
@@ -110,6 +110,24 @@ class Backend(abc.ABC):
         except Exception as exc:
             release()
             raise ModelLoadError(f"{where}: {library} cannot load it: {type(exc).__name__}: {exc}") from exc
+
+    def batch_of(self, inputs: dict[str, Any]) -> int:
+        """The batch size of `inputs`, after checking the names, that every input has it, and the range.
+
+        Raises InvalidInputError or TooLargeError; backends add their own per-frame checks.
+        """
+        wanted = sorted(spec.name for spec in self.inputs)
+        if sorted(inputs) != wanted:
+            raise InvalidInputError(f"inputs {sorted(inputs)} given, the model takes {wanted}")
+        batches = {name: value.shape[0] if value.ndim else 0 for name, value in inputs.items()}
+        batch = next(iter(batches.values()))
+        if any(b != batch for b in batches.values()):
+            raise InvalidInputError(f"inputs have different batch sizes: {batches}")
+        if batch < 1:
+            raise InvalidInputError("empty batch")
+        if batch > self.max_batch:
+            raise TooLargeError(f"batch of {batch} is over max_batch {self.max_batch}")
+        return int(batch)
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:

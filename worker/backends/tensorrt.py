@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
+from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
 from jetinfer.tensorrt_log import tensorrt_logger, tensorrt_said
@@ -337,17 +337,7 @@ class TensorRTBackend(Backend):
 
     def _validate(self, inputs: dict[str, npt.NDArray[Any]]) -> int:
         """Check names, ranks, per-frame shapes and the batch size; return the batch size."""
-        wanted = sorted(t.name for t in self._tensors.values() if t.is_input)
-        if sorted(inputs) != wanted:
-            raise InvalidInputError(f"inputs {sorted(inputs)} given, the model takes {wanted}")
-        batches = {name: array.shape[0] if array.ndim else 0 for name, array in inputs.items()}
-        batch = next(iter(batches.values()))
-        if any(b != batch for b in batches.values()):
-            raise InvalidInputError(f"inputs have different batch sizes: {batches}")
-        if batch < 1:
-            raise InvalidInputError("empty batch")
-        if batch > self.max_batch:
-            raise TooLargeError(f"batch of {batch} is over max_batch {self.max_batch}")
+        batch = self.batch_of(inputs)
         for name, array in inputs.items():
             self._tensors[name].check_frame(tuple(array.shape[1:]))
         return batch

@@ -39,37 +39,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError, TooLargeError
+from jetinfer.errors import BackendError, InvalidInputError, JetinferError, ModelLoadError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
 
-from . import cuda
 from .base import Backend, BackendOptions
+from .torch_buckets import StaticBuckets, acquire_stream, return_stream, torch_dtype
 
-__all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch"]
+__all__ = ["BACKEND", "TorchBackend", "batch_buckets", "import_torch", "pick_device"]
 
 logger = logging.getLogger(__name__)
-
-_WARMUP_RUNS = 3
-
-# Streams given back by closed backends, per device, for the next backend to reuse. torch keeps a cuBLAS
-# workspace (~32 MiB) for every stream that ran a matmul, for the life of the process; reusing streams
-# keeps GPU memory flat across model reloads instead of growing by a workspace per reload.
-_free_streams: dict[int, list[Any]] = {}
-_free_streams_lock = threading.Lock()
-
-
-def _acquire_stream(torch: Any, device: Any) -> Any:
-    with _free_streams_lock:
-        free = _free_streams.get(device.index)
-        if free:
-            return free.pop()
-    return torch.cuda.Stream(device)
-
-
-def _return_stream(device: Any, stream: Any) -> None:
-    with _free_streams_lock:
-        _free_streams.setdefault(device.index, []).append(stream)
 
 
 def import_torch() -> Any:
@@ -94,8 +73,19 @@ def batch_buckets(max_batch: int) -> list[int]:
     return buckets
 
 
-def _torch_dtype(torch: Any, datatype: str) -> Any:
-    return torch.from_numpy(np.empty(0, dtype=DATATYPES[datatype])).dtype
+def pick_device(torch: Any, requested: int | None, path: object) -> Any:
+    """The torch device a model runs on: the requested GPU, the first one, or the CPU where none is."""
+    if torch.cuda.is_available():
+        index = 0 if requested is None else requested
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise ModelLoadError(f"{path}: GPU {index} requested but {count} visible (CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", index)
+    if requested is not None:
+        raise ModelLoadError(
+            f"{path}: GPU {requested} requested but torch {torch.__version__} sees no CUDA device"
+        )
+    return torch.device("cpu")
 
 
 class TorchBackend(Backend):
@@ -112,13 +102,7 @@ class TorchBackend(Backend):
         self._stream: Any = None
         self._compute_dtype: Any = None
         self._buckets = batch_buckets(self.max_batch)
-        self._device_in: list[Any] = []  # one (max_batch, ...) device buffer per input
-        self._pinned_in: list[Any] = []  # one (max_batch, ...) pinned buffer per input
-        self._pinned_in_np: list[npt.NDArray[Any]] = []
-        self._pinned_out: list[Any] = []  # one (max_batch, ...) pinned buffer per output
-        self._pinned_out_np: list[npt.NDArray[Any]] = []
-        self._graphs: dict[int, Any] = {}  # bucket -> torch.cuda.CUDAGraph
-        self._graph_outputs: dict[int, list[Any]] = {}  # bucket -> the graph's static outputs
+        self._static_path: StaticBuckets | None = None  # a static model on a GPU
         self._in_dtypes = [DATATYPES[spec.datatype] for spec in self.inputs]
         self._out_dtypes = [DATATYPES[spec.datatype] for spec in self.outputs]
         self._static = all(d > 0 for spec in self.inputs for d in spec.shape)
@@ -139,26 +123,10 @@ class TorchBackend(Backend):
         """A model on a GPU takes GPU-decoded images without a trip through host memory."""
         return self.on_cuda
 
-    def _pick_device(self, torch: Any) -> Any:
-        path = self.version.model_file
-        if torch.cuda.is_available():
-            index = 0 if self.device is None else self.device
-            count = torch.cuda.device_count()
-            if not 0 <= index < count:
-                raise ModelLoadError(
-                    f"{path}: GPU {index} requested but {count} visible (CUDA_VISIBLE_DEVICES)"
-                )
-            return torch.device("cuda", index)
-        if self.device is not None:
-            raise ModelLoadError(
-                f"{path}: GPU {self.device} requested but torch {torch.__version__} sees no CUDA device"
-            )
-        return torch.device("cpu")
-
     def _load(self) -> None:
         torch = self._torch = import_torch()
         path = self.version.model_file
-        self._device = self._pick_device(torch)
+        self._device = pick_device(torch, self.device, path)
         built_with = self.version.manifest.producer.get("torch")
         if built_with and built_with.split("+")[0] != torch.__version__.split("+")[0]:
             logger.warning(
@@ -182,10 +150,21 @@ class TorchBackend(Backend):
         else:
             self._module = program.module()
         if self.on_cuda and self._static:
-            self._prepare_cuda()
+            self._stream = acquire_stream(torch, self._device)
+            self._static_path = StaticBuckets(
+                torch,
+                self._device,
+                self._stream,
+                inputs=self.inputs,
+                outputs=self.outputs,
+                buckets=self._buckets,
+                forward=self._forward,
+                check_outputs=self._check_outputs,
+            )
+            self._static_path.prepare(graphs=self.cuda_graphs)
         elif self.on_cuda:
             self.cuda_graphs = False
-            self._stream = _acquire_stream(torch, self._device)
+            self._stream = acquire_stream(torch, self._device)
             logger.info("torch: %s has dynamic dimensions besides the batch: no CUDA graphs", path)
         elif self._static:
             with torch.inference_mode():
@@ -207,7 +186,7 @@ class TorchBackend(Backend):
         return [
             torch.zeros(
                 (1, *spec.shape),
-                dtype=_torch_dtype(torch, spec.datatype),
+                dtype=torch_dtype(torch, spec.datatype),
                 device=self._device,
             )
             for spec in self.inputs
@@ -256,46 +235,6 @@ class TorchBackend(Backend):
             return module
         raise AssertionError("unreachable: the fp32 form either returns or raises")
 
-    def _prepare_cuda(self) -> None:
-        """Allocate the buffers, warm up every bucket, and capture one CUDA graph per bucket."""
-        torch, device, max_batch = self._torch, self._device, self.max_batch
-        self._stream = _acquire_stream(torch, device)
-        with torch.cuda.device(device):
-            for spec in self.inputs:
-                dtype = _torch_dtype(torch, spec.datatype)
-                self._device_in.append(torch.zeros((max_batch, *spec.shape), dtype=dtype, device=device))
-                pinned = torch.zeros((max_batch, *spec.shape), dtype=dtype, pin_memory=True)
-                self._pinned_in.append(pinned)
-                self._pinned_in_np.append(pinned.numpy())
-            torch.cuda.synchronize(device)
-            with torch.cuda.stream(self._stream), torch.inference_mode():
-                for bucket in reversed(self._buckets):
-                    for _ in range(_WARMUP_RUNS):
-                        outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
-                    self._check_outputs(outputs, bucket)
-                    if bucket == max_batch:
-                        for output in outputs:
-                            pinned = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
-                            self._pinned_out.append(pinned)
-                            self._pinned_out_np.append(pinned.numpy())
-            self._stream.synchronize()
-            if self.cuda_graphs:
-                self._capture()
-
-    def _capture(self) -> None:
-        torch = self._torch
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for bucket in reversed(self._buckets):  # largest first: the smaller ones fit in its memory
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(
-                    graph, pool=pool, stream=self._stream, capture_error_mode="thread_local"
-                ):
-                    outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
-                self._graphs[bucket] = graph
-                self._graph_outputs[bucket] = outputs
-        self._stream.synchronize()
-
     def _forward(self, inputs: Sequence[Any]) -> list[Any]:
         """Run the program; floating inputs go in the compute dtype, outputs come back in the config's."""
         torch = self._torch
@@ -321,8 +260,7 @@ class TorchBackend(Backend):
                 f"{len(self.outputs)}"
             )
         return [
-            out.to(_torch_dtype(torch, spec.datatype))
-            for out, spec in zip(outputs, self.outputs, strict=True)
+            out.to(torch_dtype(torch, spec.datatype)) for out, spec in zip(outputs, self.outputs, strict=True)
         ]
 
     def _check_outputs(self, outputs: Sequence[Any], batch: int) -> None:
@@ -338,10 +276,7 @@ class TorchBackend(Backend):
 
     def _validate(self, inputs: dict[str, npt.NDArray[Any]]) -> int:
         """Check names, shapes, dtypes and batch size; return the batch size."""
-        wanted = sorted(spec.name for spec in self.inputs)
-        if sorted(inputs) != wanted:
-            raise InvalidInputError(f"inputs {sorted(inputs)} given, the model takes {wanted}")
-        batch = -1
+        batch = self.batch_of(inputs)
         for spec, dtype in zip(self.inputs, self._in_dtypes, strict=True):
             array = inputs[spec.name]
             if array.ndim != len(spec.shape) + 1 or not spec.accepts(array.shape[1:]):
@@ -355,13 +290,6 @@ class TorchBackend(Backend):
                 raise InvalidInputError(
                     f"input {spec.name!r}: {array.dtype} given, the model takes {spec.datatype}"
                 )
-            if batch not in (-1, array.shape[0]):
-                raise InvalidInputError(f"inputs have different batch sizes ({batch} and {array.shape[0]})")
-            batch = array.shape[0]
-        if batch < 1:
-            raise InvalidInputError("empty batch")
-        if batch > self.max_batch:
-            raise TooLargeError(f"batch of {batch} is over max_batch {self.max_batch}")
         return batch
 
     def infer(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
@@ -376,8 +304,8 @@ class TorchBackend(Backend):
                     if not self.on_cuda:
                         return self._infer_cpu(inputs)
                     with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
-                        if self._static:
-                            return self._infer_static(inputs, batch)
+                        if self._static_path is not None:
+                            return self._static_path.run(inputs, batch)
                         return self._infer_dynamic(inputs)
             except JetinferError:
                 raise
@@ -418,35 +346,10 @@ class TorchBackend(Backend):
         self._stream.synchronize()
         return result
 
-    def _infer_static(self, inputs: dict[str, npt.NDArray[Any]], batch: int) -> dict[str, npt.NDArray[Any]]:
-        bucket = next(b for b in self._buckets if b >= batch)
-        for spec, staged, pinned, device_buffer in zip(
-            self.inputs, self._pinned_in_np, self._pinned_in, self._device_in, strict=True
-        ):
-            value = inputs[spec.name]
-            if self._is_device_tensor(value):
-                device_buffer[:batch].copy_(value, non_blocking=True)  # device to device, with the cast
-                continue
-            cuda.stage(staged[:batch], value)
-            device_buffer[:batch].copy_(pinned[:batch], non_blocking=True)
-        graph = self._graphs.get(bucket)
-        if graph is not None:
-            graph.replay()
-            outputs = self._graph_outputs[bucket]
-        else:
-            outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
-        for output, pinned in zip(outputs, self._pinned_out, strict=True):
-            pinned[:batch].copy_(output[:batch], non_blocking=True)
-        self._stream.synchronize()
-        return {
-            spec.name: staged[:batch].copy()
-            for spec, staged in zip(self.outputs, self._pinned_out_np, strict=True)
-        }
-
     @property
     def graph_count(self) -> int:
         """How many CUDA graphs are captured (one per bucket with graphs on, else 0)."""
-        return len(self._graphs)
+        return self._static_path.graph_count if self._static_path is not None else 0
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -465,21 +368,12 @@ class TorchBackend(Backend):
             except Exception:
                 logger.exception("torch: synchronising before release failed")
                 stream = None  # not reused
-        for graph in self._graphs.values():
-            try:
-                graph.reset()
-            except Exception:
-                logger.exception("torch: releasing a CUDA graph failed")
-        self._graphs.clear()
-        self._graph_outputs.clear()
-        self._device_in.clear()
-        self._pinned_in.clear()
-        self._pinned_in_np.clear()
-        self._pinned_out.clear()
-        self._pinned_out_np.clear()
+        if self._static_path is not None:
+            self._static_path.release()
+            self._static_path = None
         self._module = None
         if on_cuda and stream is not None:
-            _return_stream(self._device, stream)
+            return_stream(self._device, stream)
         if on_cuda and torch is not None:
             # An exported GraphModule sits in reference cycles: collect it now, so that its weights
             # leave the GPU with this close and not at some later garbage collection.
