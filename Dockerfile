@@ -22,6 +22,7 @@ COPY jetinfer ./jetinfer
 COPY worker ./worker
 COPY producer ./producer
 COPY builder ./builder
+COPY bench ./bench
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python bench/gpu/decode_probe.py [--batch 128] [--seconds 3] [--processes 4 8 12]
 
 Decodes, resizes and normalises batches of the cat photo (224x224 JPEG) with `GpuJpegDecoder`, once
-with JETINFER_NVIMGCODEC=0 (torchvision) and once with it on; prints images/s for each and which
+with nvimgcodec off (torchvision) and once with it on; prints images/s for each and which
 library served, and checks the two agree on the pixels. Then the CPU: one image at a time with
 Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared memory, then
 `GpuNormaliser.from_pixels`) at each `--processes` count.
@@ -12,7 +12,6 @@ Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -78,9 +77,8 @@ def gpu_decoders(batch: int, seconds: float) -> None:
     """nvJPEG through torchvision, then nvImageCodec; their agreement."""
     images = [_cat_jpeg(224)] * batch
     outputs = {}
-    for flag in ("0", "1"):
-        os.environ["JETINFER_NVIMGCODEC"] = flag
-        decoder = GpuJpegDecoder(CONFIG)
+    for flag in (False, True):
+        decoder = GpuJpegDecoder(CONFIG, nvimgcodec=flag)
         decoder.decode(images)  # warm-up
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -88,7 +86,7 @@ def gpu_decoders(batch: int, seconds: float) -> None:
             done += len(images)
         rate = done / (time.perf_counter() - started)
         outputs[decoder.library] = out.cpu().numpy()
-        print(f"JETINFER_NVIMGCODEC={flag}: {decoder.library}: {rate:,.0f} images/s at batch {batch}")
+        print(f"--nvimgcodec={flag}: {decoder.library}: {rate:,.0f} images/s at batch {batch}")
     if len(outputs) == 2:
         first, second = outputs.values()
         print(
