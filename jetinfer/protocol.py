@@ -30,6 +30,7 @@ __all__ = [
     "HEADER_DLQ_DELIVERIES",
     "HEADER_DLQ_MESSAGE",
     "HEADER_DLQ_REASON",
+    "HEADER_DLQ_TRUNCATED",
     "HEADER_MSG_ID",
     "HEADER_REPLY_TO",
     "HEADER_REQUEST_ID",
@@ -65,6 +66,9 @@ HEADER_DLQ_REASON: Final = "Jetinfer-Dlq-Reason"
 HEADER_DLQ_MESSAGE: Final = "Jetinfer-Dlq-Message"
 HEADER_DLQ_DELIVERIES: Final = "Jetinfer-Dlq-Deliveries"
 HEADER_REQUEST_ID: Final = "Jetinfer-Request-Id"
+#: On a DLQ copy whose request did not fit beside its reasons under max_payload: the request's size in
+#: bytes (the copy then carries the headers alone).
+HEADER_DLQ_TRUNCATED: Final = "Jetinfer-Dlq-Truncated"
 
 CONTENT_TYPE_MSGPACK: Final = "application/msgpack"
 CONTENT_TYPE_JPEG: Final = "image/jpeg"

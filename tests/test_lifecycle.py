@@ -34,6 +34,7 @@ from jetinfer.protocol import (
     request_headers,
 )
 from jetinfer.repository import ModelConfig, ModelVersion, PreprocessConfig, TensorSpec, write_version
+from jetinfer.worker.autoconfig import plan
 from jetinfer.worker.backends.base import Backend, BackendOptions
 from jetinfer.worker.batcher import make_batches
 from jetinfer.worker.intake import Delivery
@@ -286,12 +287,28 @@ async def test_a_reply_the_server_refuses_is_termed_copied_and_counted(world: An
 
 
 async def test_a_reply_over_max_payload_is_a_too_large_error(world: Any, log: Log) -> None:
-    world.nc.max_payload = 200  # the reply of 4 floats fits, 4096 floats do not
+    world.nc.max_payload = 600  # the reply of 4 floats fits, and the error reply; 4096 floats do not
     msg = FakeMsg(log, 9)
     await world.settler.answer(ran(request_for(msg), {"output": np.zeros((1, 4096), np.float32)}))
     assert msg.settled == [("term", None)]
     assert replies(world.nc) == [("_INBOX.c.1", "too_large")]
     assert dlq_reasons(world.js) == ["too_large"]
+
+
+async def test_a_reply_whose_headers_take_it_over_max_payload_never_reaches_the_server(
+    world: Any, log: Log
+) -> None:
+    # nats-py checks the body alone; the server counts the headers too and would close the connection.
+    msg = FakeMsg(log, 13)
+    request = request_for(msg)
+    batch = ran(request, {"output": INPUT * 2})
+    world.nc.max_payload = len(world.settler._body(request, {"output": INPUT * 2}, batch)) + 12
+    await world.settler.answer(batch)
+    assert msg.settled == [("term", None)]
+    assert [code for _, code in replies(world.nc)] == []  # nothing over the limit went out
+    assert dlq_reasons(world.js) == ["too_large"]
+    [(_, data, headers)] = world.js.published
+    assert (data, headers["Jetinfer-Dlq-Truncated"]) == (b"", str(len(msg.data)))  # the copy fits too
 
 
 async def test_a_durable_reply_is_acked_after_the_streams_puback(world: Any, log: Log) -> None:
@@ -345,19 +362,21 @@ IMAGE_MODEL = dataclasses.replace(
 @pytest.mark.parametrize(
     ("flags", "chosen", "keeps_jpeg", "keeps_png"),
     [
-        ({}, CpuDecoding, False, False),
-        ({"gpu_normalise": True}, GpuNormalise, False, False),
+        ({"gpu_normalise": False, "gpu_decode": False}, CpuDecoding, False, False),
+        ({"gpu_normalise": True, "decode_processes": 0, "gpu_decode": False}, GpuNormalise, False, False),
         ({"gpu_decode": True}, GpuDecode, True, False),
-        ({"gpu_decode": True, "gpu_normalise": True}, GpuDecode, True, False),
-        ({"gpu_normalise": True, "decode_processes": 2}, ProcessDecoding, True, True),
-        ({"gpu_normalise": True, "decode_processes": 2, "gpu_decode": True}, ProcessDecoding, True, True),
+        ({"gpu_decode": True, "gpu_normalise": True, "decode_processes": 0}, GpuDecode, True, False),
+        ({"gpu_normalise": True, "decode_processes": 2, "gpu_decode": False}, ProcessDecoding, True, True),
+        ({"decode_processes": 2, "gpu_decode": True}, ProcessDecoding, True, True),
+        ({}, ProcessDecoding, True, True),  # what an image model on a GPU gets with no flags
     ],
 )
 def test_the_factory_chooses_one_strategy_per_configuration(
     flags: dict[str, Any], chosen: type, keeps_jpeg: bool, keeps_png: bool
 ) -> None:
     tools = GpuTools(normaliser=NoGpu, jpeg_decoder=NoGpu, processes=NoGpu)  # type: ignore[arg-type]
-    strategy = choose_preprocessing(settings(**flags), IMAGE_MODEL, 8, tools)
+    the_plan = plan(settings(**flags), IMAGE_MODEL, on_gpu=True, cores=8, cores_why="test")
+    strategy = choose_preprocessing(the_plan, settings(**flags), IMAGE_MODEL, 8, tools)
     try:
         assert type(strategy) is chosen
         assert strategy.keeps_encoded("image/jpeg", b"\xff\xd8\xff\xe0") is keeps_jpeg
@@ -368,10 +387,13 @@ def test_the_factory_chooses_one_strategy_per_configuration(
         strategy.close()
 
 
-def test_a_tensor_model_decodes_nothing_whatever_the_flags() -> None:
+def test_a_tensor_model_or_a_cpu_backend_decodes_on_the_cpu_threads() -> None:
     tools = GpuTools(normaliser=NoGpu, jpeg_decoder=NoGpu, processes=NoGpu)  # type: ignore[arg-type]
-    strategy = choose_preprocessing(settings(gpu_decode=True, gpu_normalise=True), config(), 8, tools)
-    assert type(strategy) is CpuDecoding
+    for model, on_gpu in ((config(), True), (IMAGE_MODEL, False)):
+        the_plan = plan(settings(), model, on_gpu=on_gpu, cores=8, cores_why="test")
+        assert type(choose_preprocessing(the_plan, settings(), model, 8, tools)) is CpuDecoding
+        assert the_plan.decode_threads == 8
+        assert the_plan.gil_switch_ms == 0.0
 
 
 # -- shutdown order --------------------------------------------------------------------------------------

@@ -58,9 +58,11 @@ def test_booleans_paths_and_optional_values_from_environment(tmp_path: Path) -> 
         ({"JETINFER_NAK_DELAYS_MS": "-5"}, "nak_delays_ms"),
         ({"JETINFER_PARALLEL_BATCHES": "17"}, "parallel_batches"),
         ({"JETINFER_PARALLEL_BATCHES": "2", "JETINFER_GPU_DECODE": "1"}, "parallel_batches"),
-        ({"JETINFER_DECODE_PROCESSES": "4"}, "decode_processes"),
+        ({"JETINFER_DECODE_PROCESSES": "4", "JETINFER_GPU_NORMALISE": "0"}, "decode_processes"),
+        ({"JETINFER_DECODE_PROCESSES": "-1"}, "decode_processes"),
+        ({"JETINFER_PREPROCESS_LANES": "9"}, "preprocess_lanes"),
+        ({"JETINFER_EVENT_LOOP": "trio"}, "event_loop"),
         ({"JETINFER_GIL_SWITCH_MS": "0.01"}, "gil_switch_ms"),
-        ({"JETINFER_DECODE_PROCESSES": "4", "JETINFER_GPU_DECODE": "1"}, "decode_processes"),
     ],
 )
 def test_invalid_values_name_the_setting(environ: dict[str, str], setting: str) -> None:

@@ -14,8 +14,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from jetinfer.errors import SettingsError
 from jetinfer.settings import add_arguments, load_settings
 
 from .backends.base import BackendFactory, load_backend
@@ -89,12 +91,28 @@ def _serve_command(args: argparse.Namespace) -> int:
     return run_worker(load_settings(WorkerSettings, args))
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for `uvloop` (and for `auto` where uvloop is installed), else None (asyncio's)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SettingsError("event_loop", "uvloop is not installed (pip install uvloop)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run_worker(settings: WorkerSettings, *, backend_factory: BackendFactory = load_backend) -> int:
     """The `jetinfer serve` process: run a worker until it is told to stop; its exit status."""
     if settings.gil_switch_ms:
-        # Process-wide, so set here and not in Worker (which tests run inside pytest's process).
+        # Process-wide, so set here and not in Worker (which tests run inside pytest's process); a plan the
+        # worker chooses itself sets it when a model on a GPU starts.
         sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
-    status = asyncio.run(serve(settings, backend_factory=backend_factory))
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        status = runner.run(serve(settings, backend_factory=backend_factory))
     busy = _busy_threads()
     if busy:
         # The worker has stopped and given back what it held; Python would still wait for these threads

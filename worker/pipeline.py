@@ -2,13 +2,16 @@
 
 ::
 
-    intake ─▶ form: prepare → decode on the CPU (the strategy's) → batches → made ahead on the GPU
+    intake ─▶ form: prepare → decode on the CPU (the strategy's) → batches ─┬─ made ahead on the GPU
            ─▶ [batches: pipeline_depth] ─▶ run (one task per batch slot) ─▶ [ran] ─▶ settle
     settle, beside them: confirming inbox replies; in_progress for every message held
 
 Forming batch N+1 overlaps running batch N, and batch N is answered while N+1 runs. A batch is
 formed only when it can be queued: under load requests keep arriving in the intake's buffer while
-the engine is busy, so batches fill; a lone request at idle goes at once. A stage that fails with a
+the engine is busy, so batches fill; a lone request at idle goes at once. On a GPU, a batch queued
+behind a busy engine is made into the model's input meanwhile (in one of the strategy's lanes), and
+the run stage waits for that when the batch's turn comes. What the worker chose for all this is its
+plan (`autoconfig`), logged once per model. A stage that fails with a
 bug fails the pipeline (`failed`), and the worker stops rather than serve half a pipeline.
 
 Shutdown, in order, within the grace period: stop fetching (what the intake buffered is given
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,6 +34,7 @@ from jetinfer.errors import BackendError
 from jetinfer.protocol import Limits
 from jetinfer.streams import INFER_STREAM, consumer_name
 
+from .autoconfig import Plan, plan
 from .batcher import Batch
 from .forming import BatchFormer
 from .intake import Intake, PullConsumer
@@ -41,9 +46,12 @@ from .run import RanBatch, Runner
 from .settings import WorkerSettings
 from .settle import Settler
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "Queued"]
 
 logger = logging.getLogger(__name__)
+
+#: A batch waiting for the engine: as formed, or being made into the model's input ahead of its turn.
+Queued = Batch | asyncio.Future[Batch]
 
 
 class Pipeline:
@@ -60,6 +68,7 @@ class Pipeline:
         metrics: WorkerMetrics,
         decode_pool: ThreadPoolExecutor,
         refusals: ReplyRefusals,
+        cores: tuple[int, str] = (1, "default"),
         intake: Intake | None = None,
     ) -> None:
         self.model = model
@@ -72,11 +81,13 @@ class Pipeline:
         self.intake: Intake = intake or PullConsumer(
             nc, INFER_STREAM, consumer_name(model), capacity=1, heartbeat_s=settings.heartbeat_s
         )
+        self._cores = cores
+        self.plan: Plan | None = None
         self._preprocessing: Preprocessing | None = None
         self._runner: Runner | None = None
         self._former: BatchFormer | None = None
-        self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
-        self._ran: asyncio.Queue[RanBatch | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
+        self._batches: asyncio.Queue[Queued | None] = asyncio.Queue(maxsize=1)
+        self._ran: asyncio.Queue[RanBatch | None] = asyncio.Queue(maxsize=1)
         self._room = asyncio.Event()  # set when a run task takes a batch: room to form the next
         self._stopping = asyncio.Event()
         self._running = 0  # run tasks not finished
@@ -120,9 +131,23 @@ class Pipeline:
         """Choose the preprocessing, start pulling and the stages; returns the pipeline's task."""
         current = self._slot.current
         assert current is not None, "a pipeline starts once its model has a version"
-        preprocessing = self._preprocessing = await asyncio.to_thread(
-            choose_preprocessing, self._settings, current.config, self.max_batch
+        cores, why = self._cores
+        the_plan = self.plan = plan(
+            self._settings,
+            current.config,
+            on_gpu=current.backend.accepts_device_tensors,
+            cores=cores,
+            cores_why=why,
         )
+        if the_plan.gil_switch_ms:
+            sys.setswitchinterval(
+                the_plan.gil_switch_ms / 1000.0
+            )  # process-wide: the GPU's feeders get the GIL sooner
+        preprocessing = self._preprocessing = await asyncio.to_thread(
+            choose_preprocessing, the_plan, self._settings, current.config, self.max_batch
+        )
+        self._batches = asyncio.Queue(maxsize=the_plan.pipeline_depth)
+        self._ran = asyncio.Queue(maxsize=the_plan.pipeline_depth)
         # Decided once: a later version with fewer slots serialises on its own lock.
         slots = 1 if preprocessing.on_gpu else current.backend.batch_slots
         self._runner = Runner(
@@ -131,7 +156,7 @@ class Pipeline:
         self._former = BatchFormer(
             preprocessing,
             self._decode_pool,
-            threads=self._settings.decode_threads,
+            threads=the_plan.decode_threads,
             limits=Limits(max_bytes=self._settings.max_msg_size_bytes),
         )
         self.intake.capacity = self.max_batch * self._settings.fetch_batches
@@ -139,12 +164,13 @@ class Pipeline:
         self._running = slots
         self._task = asyncio.create_task(self._run(slots), name=f"pipeline-{self.model}")
         logger.info(
-            "model %s: serving from consumer %s (max_batch=%d, batches at once=%d; %s)",
+            "model %s: serving from consumer %s (max_batch=%d, batches at once=%d; %s; chosen from: %s)",
             self.model,
             consumer_name(self.model),
             self.max_batch,
             slots,
             preprocessing.describe(),
+            the_plan.describe(),
         )
         return self._task
 
@@ -207,15 +233,20 @@ class Pipeline:
                     continue
                 engine_busy = self._runner.busy > 0 or not self._batches.empty()
                 if engine_busy and self._preprocessing.wants_ahead(batch):
-                    batch = await self._preprocessing.ahead(batch, current.config)
-                await self._batches.put(batch)
+                    # Made into the model's input in a lane while the batches ahead of it run.
+                    await self._batches.put(
+                        asyncio.ensure_future(self._preprocessing.ahead(batch, current.config))
+                    )
+                else:
+                    await self._batches.put(batch)
         for _ in range(self.batch_slots):  # one end marker per run task
             await self._batches.put(None)
 
     async def _run_stage(self) -> None:
         assert self._runner is not None
-        while (batch := await self._batches.get()) is not None:
+        while (queued := await self._batches.get()) is not None:
             self._room.set()
+            batch = queued if isinstance(queued, Batch) else await queued
             try:
                 ran = await self._runner.run(batch)
             except Exception as exc:  # a bug in running: the batch's requests are retried, not lost
@@ -253,7 +284,8 @@ class Pipeline:
                 if queued is None:
                     markers += 1
                 else:
-                    await self.settler.give_back([r.msg for r in queued.requests])
+                    batch = queued if isinstance(queued, Batch) else await queued
+                    await self.settler.give_back([r.msg for r in batch.requests])
             for _ in range(markers):
                 self._batches.put_nowait(None)
             try:

@@ -15,13 +15,19 @@ from collections import deque
 from typing import Final
 
 from nats.aio.client import Client as NatsClient
-from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 
 from jetinfer.errors import RetryableError, TooLargeError
 from jetinfer.protocol import HEADER_MSG_ID, HEADER_STATUS
 
-__all__ = ["DURABLE_PREFIX", "ReplyRefusals", "is_durable", "publish_reply", "valid_reply_subject"]
+__all__ = [
+    "DURABLE_PREFIX",
+    "ReplyRefusals",
+    "fits_max_payload",
+    "is_durable",
+    "publish_reply",
+    "valid_reply_subject",
+]
 
 #: Replies below this prefix are stored (stream RESULTS) and acknowledged by the stream.
 DURABLE_PREFIX: Final = "results."
@@ -65,6 +71,16 @@ class ReplyRefusals:
         return {subject for number, subject in self._refused if number > mark}
 
 
+def fits_max_payload(nc: NatsClient, body: bytes, headers: dict[str, str]) -> bool:
+    """Whether a message of `body` and `headers` fits the server's max_payload, which counts both.
+
+    nats-py checks the body alone; a message whose headers take it over the limit reaches the server,
+    which then closes the connection, and every reply and ack in flight on it is lost.
+    """
+    header_bytes = len(b"NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+    return len(body) + header_bytes <= nc.max_payload
+
+
 async def publish_reply(
     nc: NatsClient, js: JetStreamContext, reply_to: str, request_id: str, body: bytes, *, ok: bool
 ) -> None:
@@ -75,18 +91,19 @@ async def publish_reply(
     `ReplyRefusals`.
     """
     headers = {HEADER_STATUS: "ok" if ok else "error"}
-    try:
-        if is_durable(reply_to):
-            # Durable job replies: JetStream publish, acked by the stream; the id drops redelivered twins.
-            headers[HEADER_MSG_ID] = f"reply-{request_id}"
-            await js.publish(reply_to, body, headers=headers, timeout=_PUBACK_TIMEOUT_S)
-        else:
-            await nc.publish(reply_to, body, headers=headers)
-    except MaxPayloadError:
+    if is_durable(reply_to):
+        headers[HEADER_MSG_ID] = f"reply-{request_id}"
+    if not fits_max_payload(nc, body, headers):
         raise TooLargeError(
             f"the reply of {len(body)} bytes is over the NATS server's max_payload of {nc.max_payload} "
             "bytes: raise max_payload in the server's configuration, or send fewer frames per request"
-        ) from None
+        )
+    try:
+        if is_durable(reply_to):
+            # Durable job replies: JetStream publish, acked by the stream; the id drops redelivered twins.
+            await js.publish(reply_to, body, headers=headers, timeout=_PUBACK_TIMEOUT_S)
+        else:
+            await nc.publish(reply_to, body, headers=headers)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception as exc:

@@ -11,6 +11,7 @@ moved to the DLQ and answered by `worker.advisories.DeadLetters`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -39,8 +40,9 @@ from jetinfer.streams import (
 )
 
 from .advisories import DeadLetters
+from .autoconfig import usable_cores
 from .backends import cuda
-from .backends.base import BackendFactory, load_backend
+from .backends.base import BackendFactory, BackendOptions, load_backend
 from .health import HealthServer
 from .metrics import GpuProbe, WorkerMetrics
 from .pipeline import Pipeline
@@ -66,6 +68,7 @@ class Worker:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
+        self.cores = usable_cores()  # (count, why): what the process may use, not the node's os.cpu_count()
         self.models = list(settings.model) or ModelRepository(settings.repository).models()
         if not self.models:
             raise SettingsError(
@@ -78,7 +81,7 @@ class Worker:
                 m,
                 settings.repository,
                 metrics=self.metrics,
-                options=settings.backend_options(),
+                options=self._backend_options(),
                 backend_factory=backend_factory,
             )
             for m in self.models
@@ -89,7 +92,7 @@ class Worker:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=settings.decode_threads, thread_name_prefix="decode"
+            max_workers=settings.decode_workers or self.cores[0], thread_name_prefix="decode"
         )
         self._subscriptions: list[Subscription] = []
         self._background: list[asyncio.Task[None]] = []
@@ -98,6 +101,14 @@ class Worker:
         self._stopped = False
         self._start_lock = asyncio.Lock()
         self.dead_letters: DeadLetters | None = None
+
+    def _backend_options(self) -> BackendOptions:
+        """The settings' backend options, with ONNX Runtime's threads sized to this process's cores."""
+        options = self.settings.backend_options()
+        if options.intra_op_threads:
+            return options
+        threads = max(1, self.cores[0] // max(1, options.parallel_batches))
+        return dataclasses.replace(options, intra_op_threads=threads)
 
     @property
     def health_port(self) -> int | None:
@@ -163,6 +174,7 @@ class Worker:
                 metrics=self.metrics,
                 decode_pool=self._decode_pool,
                 refusals=self._refusals,
+                cores=self.cores,
             )
             task = await server.start()
             task.add_done_callback(self._on_pipeline_done)

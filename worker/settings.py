@@ -79,38 +79,51 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         "after the first request of a batch, wait at most this long for more (0: take what is queued; "
         "under load batches still fill while the engine is busy)",
     )
-    pipeline_depth: int = setting(
-        1, "prepared batches waiting for the engine (fetch/decode of the next overlaps inference)"
+    pipeline_depth: int | None = setting(
+        None,
+        "prepared batches waiting for the engine (forming the next overlaps inference; default: 1, or "
+        "one per preprocessing lane on a GPU)",
     )
     fetch_batches: int = setting(3, "batches' worth of requests kept requested from the server per model")
-    decode_workers: int = setting(0, "threads decoding and preprocessing requests (0: one per CPU core)")
+    decode_workers: int = setting(
+        0, "threads decoding and preprocessing requests (0: one per core this process may use)"
+    )
     nak_delays_ms: list[int] = setting(
         [250, 1000, 5000, 15000], "growing redelivery delays after a transient error"
     )
     grace_period_s: float = setting(25.0, "on SIGTERM, time to finish the batches in flight before exiting")
     metrics_host: str = setting("0.0.0.0", "address of the /metrics, /healthz and /readyz server")
     metrics_port: int = setting(8080, "port of /metrics, /healthz and /readyz (0: disabled)")
-    gpu_decode: bool = setting(
-        False,
+    gpu_decode: bool | None = setting(
+        None,
         "decode, resize and normalise JPEG requests on the GPU (torch with CUDA and torchvision; PNG and "
-        "tensor requests stay on the CPU)",
+        "tensor requests stay on the CPU); with decoding processes, only batches of up to 4 JPEGs "
+        "(latency at idle) (default: chosen at start: on for an image model on a GPU where torchvision is)",
     )
-    gpu_normalise: bool = setting(
-        False,
-        "decode image requests on CPU threads into uint8 pixels and normalise them on the GPU (a quarter of "
-        "FP32's bytes to copy, and the GPU's time stays with the model; torch with CUDA; with --gpu-decode, "
-        "JPEGs still decode on the GPU)",
+    gpu_normalise: bool | None = setting(
+        None,
+        "decode image requests on the CPU into uint8 pixels and normalise them on the GPU (a quarter of "
+        "FP32's bytes to copy, and the GPU's time stays with the model; torch with CUDA) (default: chosen "
+        "at start: on for an image model on a GPU)",
     )
-    decode_processes: int = setting(
-        0,
+    decode_processes: int | None = setting(
+        None,
         "with --gpu-normalise, decode image requests in this many processes into shared memory (past the "
-        "GIL that caps the decode threads at about 1.4k images/s per worker; 0: on the decode threads); "
-        "with --gpu-decode too, batches of up to 4 JPEGs still decode on the GPU, for latency at idle",
+        "GIL of one process; 0: on the decode threads) (default: chosen at start: the cores this process "
+        "may use less 2, for an image model on a GPU)",
     )
-    gil_switch_ms: float = setting(
-        0.0,
+    preprocess_lanes: int | None = setting(
+        None,
+        "batches made on the GPU at once, each with its own CUDA stream and share of the decoding "
+        "processes (default: chosen at start: 2 on a GPU)",
+    )
+    gil_switch_ms: float | None = setting(
+        None,
         "how long a busy thread may hold Python's GIL before another waiting thread gets it (0: Python's "
-        "5 ms); shorter hands it sooner to the threads that feed the GPU and the decoding processes",
+        "5 ms; default: chosen at start: 1 ms for a model on a GPU, so the threads feeding it get it sooner)",
+    )
+    event_loop: str = setting(
+        "auto", "asyncio event loop: uvloop, asyncio, or auto (uvloop where it is installed)"
     )
     nvimgcodec: bool = setting(
         False,
@@ -135,22 +148,36 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
             )
         require(0 <= self.max_batch <= 4096, "max_batch", "must be 0..4096")
         require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", "must be 0..10000")
-        require(1 <= self.pipeline_depth <= 16, "pipeline_depth", "must be 1..16")
+        require(
+            self.pipeline_depth is None or 1 <= self.pipeline_depth <= 16, "pipeline_depth", "must be 1..16"
+        )
         require(
             not ((self.gpu_decode or self.gpu_normalise) and self.parallel_batches > 1),
             "parallel_batches",
             "--gpu-decode and --gpu-normalise run one batch at a time on the GPU; leave it at 0 or 1",
         )
-        require(0 <= self.decode_processes <= 256, "decode_processes", "must be 0..256")
         require(
-            self.decode_processes == 0 or self.gpu_normalise,
+            self.decode_processes is None or 0 <= self.decode_processes <= 256,
             "decode_processes",
-            "decoding processes feed --gpu-normalise: add --gpu-normalise",
+            "must be 0..256",
         )
         require(
-            self.gil_switch_ms == 0 or 0.05 <= self.gil_switch_ms <= 100,
+            not self.decode_processes or self.gpu_normalise is not False,
+            "decode_processes",
+            "decoding processes feed --gpu-normalise: drop --no-gpu-normalise",
+        )
+        require(
+            self.preprocess_lanes is None or 1 <= self.preprocess_lanes <= 8,
+            "preprocess_lanes",
+            "must be 1..8",
+        )
+        require(
+            self.gil_switch_ms is None or self.gil_switch_ms == 0 or 0.05 <= self.gil_switch_ms <= 100,
             "gil_switch_ms",
             "must be 0 or 0.05..100",
+        )
+        require(
+            self.event_loop in ("auto", "uvloop", "asyncio"), "event_loop", "must be auto, uvloop or asyncio"
         )
         require(1 <= self.fetch_batches <= 64, "fetch_batches", "must be 1..64")
         require(0 <= self.decode_workers <= 256, "decode_workers", "must be 0..256")
@@ -164,11 +191,6 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         require(self.reload_poll_s >= 0, "reload_poll_s", "must be >= 0")
         require(self.lag_poll_s > 0, "lag_poll_s", "must be above 0")
         require(0.1 <= self.heartbeat_s <= 30, "heartbeat_s", "must be 0.1..30")
-
-    @property
-    def decode_threads(self) -> int:
-        """Threads for decoding: the setting, or one per CPU core."""
-        return self.decode_workers or max(1, os.cpu_count() or 1)
 
     def nak_delay_s(self, deliveries: int) -> float:
         """The redelivery delay after the `deliveries`-th failed delivery."""

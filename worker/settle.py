@@ -43,6 +43,7 @@ from jetinfer.protocol import (
     HEADER_DLQ_DELIVERIES,
     HEADER_DLQ_MESSAGE,
     HEADER_DLQ_REASON,
+    HEADER_DLQ_TRUNCATED,
     HEADER_MSG_ID,
     HEADER_REQUEST_ID,
     encode_error,
@@ -53,7 +54,7 @@ from jetinfer.streams import dlq_subject
 from .intake import Delivery
 from .metrics import WorkerMetrics
 from .prepare import PreparedRequest, unprepared
-from .replies import ReplyRefusals, is_durable, publish_reply
+from .replies import ReplyRefusals, fits_max_payload, is_durable, publish_reply
 from .run import Outputs, RanBatch
 from .settings import WorkerSettings
 
@@ -359,8 +360,13 @@ class Settler:
             request_id=request.request_id,
             copy_id=f"dlq-{request.request_id[:200]}-{request.deliveries}",
         )
+        data = request.msg.data
+        if not fits_max_payload(self._nc, data, headers):
+            # The copy is the request plus its reasons: where that is over max_payload, the reasons alone.
+            headers[HEADER_DLQ_TRUNCATED] = str(len(data))
+            data = b""
         try:
-            await self._js.publish(dlq_subject(self.model), request.msg.data, headers=headers, timeout=5)
+            await self._js.publish(dlq_subject(self.model), data, headers=headers, timeout=5)
         except Exception as exc:
             logger.error("model %s: could not copy %s to the DLQ: %s", self.model, request.request_id, exc)
 

@@ -1,20 +1,22 @@
 """The strategies that make the model input on the GPU: normalise there, decode JPEGs there, or decode
 in processes into shared memory and normalise there.
 
-Each keeps its own CUDA stream and one `gpu-prep` thread: while the engine runs batch N, batch N+1 is
-made ahead there (`ahead`); with the engine idle the run stage makes it itself (a lone request saves
-the round trip). A batch that cannot be made ahead (a bad image) is left to the run stage, whose
-splitting finds the request that fails. A new model version with other preprocessing gets new tools,
-built aside and then swapped in, so a batch being made ahead keeps the ones it started with.
+A strategy has `lanes`: each lane is a set of tools (its own CUDA stream, its own decoding processes)
+that makes one batch at a time, so while the engine runs batch N, batches N+1 and N+2 are made ahead
+in two lanes at once (`ahead`, on the lanes' threads). With the engine idle the run stage makes a batch
+itself in a free lane (a lone request saves the hop). A batch that cannot be made ahead (a bad image)
+is left to the run stage, whose splitting finds the request that fails. A new model version with other
+preprocessing gets new tools, built in the lane that needs them, so a batch being made keeps its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from ..prepare import is_jpeg
 from ..reload import LoadedModel
 from .base import Inputs, Preprocessing
 
-__all__ = ["GpuDecode", "GpuNormalise", "GpuPreprocessing", "GpuTools", "ProcessDecoding"]
+__all__ = ["GPU_DECODE_UP_TO", "GpuDecode", "GpuNormalise", "GpuPreprocessing", "GpuTools", "ProcessDecoding"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,42 +51,115 @@ class GpuTools:
     processes: Callable[..., ProcessDecoder] = ProcessDecoder
 
 
+class _Lane:
+    """The tools that make one batch at a time: a normaliser (its own stream), and where the strategy
+    uses them a JPEG decoder and decoding processes (page-locked shared memory)."""
+
+    def __init__(
+        self,
+        tools: GpuTools,
+        preprocess: PreprocessConfig,
+        device: int | None,
+        max_frames: int,
+        *,
+        jpeg_decoder: bool = False,
+        nvimgcodec: bool = False,
+    ) -> None:
+        self._tools = tools
+        self._device = device
+        self._max_frames = max_frames
+        self._nvimgcodec = nvimgcodec
+        # The decoder first: it says what --gpu-decode needs where torchvision or CUDA is missing.
+        self._decoder: GpuJpegDecoder | None = (
+            tools.jpeg_decoder(preprocess, device=device, max_frames=max_frames, nvimgcodec=nvimgcodec)
+            if jpeg_decoder
+            else None
+        )
+        self._normaliser = tools.normaliser(preprocess, device=device, max_frames=max_frames)
+        self.processes: ProcessDecoder | None = None
+        self.pinned = False
+
+    def with_processes(self, processes: int) -> _Lane:
+        """Give this lane `processes` decoding processes with a page-locked shared block."""
+        self.processes = self._tools.processes(
+            self._normaliser.config, processes=processes, max_frames=self._max_frames
+        )
+        self.pinned = self._normaliser.pin(self.processes.buffer)
+        return self
+
+    @property
+    def library(self) -> str:
+        """Which library decodes JPEGs on the GPU here."""
+        return self._decoder.library if self._decoder is not None else "none"
+
+    def normaliser(self, preprocess: PreprocessConfig) -> GpuNormaliser:
+        """The normaliser for `preprocess` (rebuilt when a new version changes it)."""
+        if self._normaliser.config != preprocess:
+            self._normaliser = self._tools.normaliser(
+                preprocess, device=self._device, max_frames=self._max_frames
+            )
+        return self._normaliser
+
+    def decoder(self, preprocess: PreprocessConfig) -> GpuJpegDecoder:
+        """The JPEG decoder for `preprocess` (rebuilt when a new version changes it)."""
+        if self._decoder is None:
+            raise BackendError("this lane has no GPU JPEG decoder")
+        if self._decoder.config != preprocess:
+            self._decoder = self._tools.jpeg_decoder(
+                preprocess, device=self._device, max_frames=self._max_frames, nvimgcodec=self._nvimgcodec
+            )
+        return self._decoder
+
+    def close(self) -> None:
+        """Stop the processes and free the shared block (unpinned first)."""
+        if self.processes is not None:
+            if self.pinned:
+                self._normaliser.unpin(self.processes.buffer)
+                self.pinned = False
+            self.processes.close()
+            self.processes = None
+
+
 class GpuPreprocessing(Preprocessing):
-    """What the GPU strategies share: the tools per preprocessing config, the gpu-prep thread, `ahead`."""
+    """What the GPU strategies share: lanes of tools, their threads, `ahead`, `model_inputs`."""
 
     on_gpu = True
 
-    def __init__(
-        self, preprocess: PreprocessConfig, *, device: int | None, max_frames: int, tools: GpuTools
-    ) -> None:
-        self._device = device
-        self._max_frames = max_frames
-        self._tools = tools
-        self._tools_lock = threading.Lock()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-prep")
-        self._normaliser = tools.normaliser(preprocess, device=device, max_frames=max_frames)
+    def __init__(self, lanes: list[_Lane]) -> None:
+        if not lanes:
+            raise ValueError("a GPU strategy needs at least one lane")
+        self._lanes = list(lanes)
+        self._free: queue.Queue[_Lane] = queue.Queue()
+        for lane in self._lanes:
+            self._free.put(lane)
+        self._threads = ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="gpu-prep")
+        self._closed = False
 
-    def normaliser(self, preprocess: PreprocessConfig) -> GpuNormaliser:
-        """The normaliser for `preprocess` (a new version may change it: built aside, then swapped)."""
-        with self._tools_lock:
-            if self._normaliser.config != preprocess:
-                self._normaliser = self._tools.normaliser(
-                    preprocess, device=self._device, max_frames=self._max_frames
-                )
-            return self._normaliser
+    @property
+    def lanes(self) -> int:
+        """Batches made at once."""
+        return len(self._lanes)
+
+    @contextmanager
+    def _lane(self) -> Iterator[_Lane]:
+        lane = self._free.get()
+        try:
+            yield lane
+        finally:
+            self._free.put(lane)
 
     def wants_ahead(self, batch: Batch) -> bool:
         """Encoded images and pixels are made on the GPU; decoded tensors go as they are."""
         return bool(batch.encoded) or batch.pixels
 
     async def ahead(self, batch: Batch, config: ModelConfig) -> Batch:
-        """Make the model input on the gpu-prep thread; on a bad image leave it to the run stage."""
+        """Make the model input in a lane; on a bad image leave it to the run stage."""
         preprocess = config.preprocess
         if preprocess is None or not self.wants_ahead(batch):
             return batch
         loop = asyncio.get_running_loop()
         try:
-            on_device = await loop.run_in_executor(self._thread, self.make, batch, preprocess)
+            on_device = await loop.run_in_executor(self._threads, self.make, batch, preprocess)
         except RequestError as exc:
             logger.debug("making a batch ahead failed (%s); the run stage will split it", exc)
             return batch
@@ -108,19 +183,25 @@ class GpuPreprocessing(Preprocessing):
         return {preprocess.input: images}
 
     def make(self, batch: Batch, preprocess: PreprocessConfig) -> Any:
-        """The model input of an image or pixel batch, on the GPU (ready when this returns)."""
-        if batch.pixels:
-            [pixels] = batch.inputs.values()
-            return self.normaliser(preprocess).from_pixels(pixels)
-        return self.make_encoded(list(batch.encoded), preprocess)
+        """The model input of an image or pixel batch on the GPU, made in a free lane (ready on return)."""
+        with self._lane() as lane:
+            if batch.pixels:
+                [pixels] = batch.inputs.values()
+                return lane.normaliser(preprocess).from_pixels(pixels)
+            return self.make_encoded(lane, list(batch.encoded), preprocess)
 
-    def make_encoded(self, images: list[bytes], preprocess: PreprocessConfig) -> Any:
+    def make_encoded(self, lane: _Lane, images: list[bytes], preprocess: PreprocessConfig) -> Any:
         """The model input of a batch of encoded images."""
         raise BackendError(f"{self.name} leaves no image encoded")
 
     def close(self) -> None:
-        """Stop the gpu-prep thread."""
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        """Stop the lanes' threads and processes. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            lane.close()
 
 
 class GpuNormalise(GpuPreprocessing):
@@ -129,6 +210,17 @@ class GpuNormalise(GpuPreprocessing):
 
     name = "gpu-normalise"
     pixels = True
+
+    def __init__(
+        self,
+        preprocess: PreprocessConfig,
+        *,
+        device: int | None,
+        max_frames: int,
+        tools: GpuTools,
+        lanes: int = 1,
+    ) -> None:
+        super().__init__([_Lane(tools, preprocess, device, max_frames) for _ in range(lanes)])
 
     def keeps_encoded(self, content_type: str, data: bytes) -> bool:
         """Nothing stays encoded: the threads decode to pixels."""
@@ -140,7 +232,7 @@ class GpuNormalise(GpuPreprocessing):
 
     def describe(self) -> str:
         """What decodes where."""
-        return "images decoded on the CPU threads, normalised on the GPU"
+        return f"images decoded on the CPU threads, normalised on the GPU in {self.lanes} lane(s)"
 
 
 class GpuDecode(GpuPreprocessing):
@@ -158,13 +250,13 @@ class GpuDecode(GpuPreprocessing):
         nvimgcodec: bool,
         normalise_others: bool,
         tools: GpuTools,
+        lanes: int = 1,
     ) -> None:
-        # The decoder first: it says what --gpu-decode needs where torchvision or CUDA is missing.
-        self._decoder = tools.jpeg_decoder(
-            preprocess, device=device, max_frames=max_frames, nvimgcodec=nvimgcodec
-        )
-        super().__init__(preprocess, device=device, max_frames=max_frames, tools=tools)
-        self._nvimgcodec = nvimgcodec
+        made = [
+            _Lane(tools, preprocess, device, max_frames, jpeg_decoder=True, nvimgcodec=nvimgcodec)
+            for _ in range(lanes)
+        ]
+        super().__init__(made)
         self._normalise_others = normalise_others
 
     @property
@@ -180,29 +272,21 @@ class GpuDecode(GpuPreprocessing):
         """A non-JPEG image on the CPU: pixels with --gpu-normalise, else the model input."""
         return decode_pixels(data, config) if self._normalise_others else super().decode_image(data, config)
 
-    def decoder(self, preprocess: PreprocessConfig) -> GpuJpegDecoder:
-        """The JPEG decoder for `preprocess` (rebuilt when a new version changes it)."""
-        with self._tools_lock:
-            if self._decoder.config != preprocess:
-                self._decoder = self._tools.jpeg_decoder(
-                    preprocess, device=self._device, max_frames=self._max_frames, nvimgcodec=self._nvimgcodec
-                )
-            return self._decoder
-
-    def make_encoded(self, images: list[bytes], preprocess: PreprocessConfig) -> Any:
+    def make_encoded(self, lane: _Lane, images: list[bytes], preprocess: PreprocessConfig) -> Any:
         """Decode the JPEGs on the GPU."""
-        return self.decoder(preprocess).decode(images)
+        return lane.decoder(preprocess).decode(images)
 
     def describe(self) -> str:
         """What decodes where."""
         others = "pixels normalised on the GPU" if self._normalise_others else "the CPU threads"
-        return f"JPEGs decoded on the GPU ({self._decoder.library}), other images on {others}"
+        where = f"{self._lanes[0].library}, {self.lanes} lane(s)"
+        return f"JPEGs decoded on the GPU ({where}), other images on {others}"
 
 
 class ProcessDecoding(GpuPreprocessing):
-    """Images decoded in spawned processes into one page-locked shared-memory block, copied to the GPU
-    and normalised there (`--decode-processes N`); with `--gpu-decode` too, batches of up to
-    `GPU_DECODE_UP_TO` JPEGs decode on the GPU instead (a lone request's latency, with the SMs idle)."""
+    """Images decoded in spawned processes into page-locked shared memory, copied to the GPU and
+    normalised there (`--decode-processes N`, shared among the lanes); with `--gpu-decode` too, batches
+    of up to `GPU_DECODE_UP_TO` JPEGs decode on the GPU instead (a lone request's latency)."""
 
     name = "decode-processes"
 
@@ -213,53 +297,56 @@ class ProcessDecoding(GpuPreprocessing):
         device: int | None,
         max_frames: int,
         processes: int,
-        small_batches_on_gpu: GpuDecode | None,
+        small_batches_on_gpu: bool,
+        nvimgcodec: bool,
         tools: GpuTools,
+        lanes: int = 1,
     ) -> None:
-        super().__init__(preprocess, device=device, max_frames=max_frames, tools=tools)
-        self._gpu_decode = small_batches_on_gpu
-        self._processes = tools.processes(preprocess, processes=processes, max_frames=max_frames)
-        self._pinned = self._normaliser.pin(self._processes.buffer)
-        self._closed = False
+        lanes = max(1, min(lanes, processes))
+        shares = [processes // lanes + (1 if i < processes % lanes else 0) for i in range(lanes)]
+        made: list[_Lane] = []
+        try:
+            for share in shares:
+                lane = _Lane(
+                    tools,
+                    preprocess,
+                    device,
+                    max_frames,
+                    jpeg_decoder=small_batches_on_gpu,
+                    nvimgcodec=nvimgcodec,
+                )
+                made.append(lane)
+                lane.with_processes(share)
+        except BaseException:
+            for lane in made:
+                lane.close()
+            raise
+        super().__init__(made)
+        self._processes = processes
+        self._small_on_gpu = small_batches_on_gpu
 
     def keeps_encoded(self, content_type: str, data: bytes) -> bool:
         """Every image stays encoded for the decoding processes."""
         return True
 
-    def make_encoded(self, images: list[bytes], preprocess: PreprocessConfig) -> Any:
-        """Decode in the processes into shared memory (a few JPEGs on the GPU), normalise there."""
-        if (
-            self._gpu_decode is not None
-            and len(images) <= GPU_DECODE_UP_TO
-            and all(is_jpeg(image) for image in images)
-        ):
-            return self._gpu_decode.make_encoded(images, preprocess)
-        normaliser = self.normaliser(preprocess)
-        if self._processes.fits(len(images), preprocess):
-            with self._processes.decode(images, preprocess) as shared:
+    def make_encoded(self, lane: _Lane, images: list[bytes], preprocess: PreprocessConfig) -> Any:
+        """Decode in the lane's processes into shared memory (a few JPEGs on the GPU), normalise there."""
+        if self._small_on_gpu and len(images) <= GPU_DECODE_UP_TO and all(is_jpeg(image) for image in images):
+            return lane.decoder(preprocess).decode(images)
+        normaliser = lane.normaliser(preprocess)
+        assert lane.processes is not None, "every lane of this strategy has processes"
+        if lane.processes.fits(len(images), preprocess):
+            with lane.processes.decode(images, preprocess) as shared:
                 return normaliser.from_pixels(shared)
         # A reload raised max_batch or the image size past the shared block: decode here this time.
         return normaliser.from_pixels(np.concatenate([decode_pixels(image, preprocess) for image in images]))
 
     def describe(self) -> str:
         """What decodes where."""
-        small = f"; up to {GPU_DECODE_UP_TO} JPEGs on the GPU" if self._gpu_decode is not None else ""
-        processes, megabytes = self._processes.processes, self._processes.buffer.nbytes >> 20
-        pinned = ", page-locked" if self._pinned else ""
+        small = f"; up to {GPU_DECODE_UP_TO} JPEGs on the GPU" if self._small_on_gpu else ""
+        pinned = ", page-locked" if all(lane.pinned for lane in self._lanes) else ""
         return (
-            f"images decoded in {processes} processes into {megabytes} MB of shared memory{pinned}, "
+            f"images decoded in {self._processes} processes ({self.lanes} lane(s)) into shared "
+            f"memory{pinned}, "
             f"normalised on the GPU{small}"
         )
-
-    def close(self) -> None:
-        """Stop the processes and free the shared block (unpinned first). Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        super().close()
-        if self._gpu_decode is not None:
-            self._gpu_decode.close()
-        if self._pinned:
-            self._normaliser.unpin(self._processes.buffer)
-            self._pinned = False
-        self._processes.close()

@@ -1,0 +1,104 @@
+"""Self-configuration: the cores a worker may use (affinity and cgroup quota), and what it chooses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
+from jetinfer.worker.autoconfig import GPU_RESERVED_CORES, plan, usable_cores
+from jetinfer.worker.settings import WorkerSettings
+
+TENSORS = ModelConfig(
+    name="m",
+    max_batch=8,
+    inputs=(TensorSpec("input", "FP32", (4,)),),
+    outputs=(TensorSpec("output", "FP32", (4,)),),
+)
+IMAGES = dataclasses.replace(
+    TENSORS,
+    inputs=(TensorSpec("input", "FP32", (3, 8, 8)),),
+    preprocess=PreprocessConfig(input="input", width=8, height=8),
+)
+
+
+def affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_a_cgroup_v2_quota_below_the_affinity_caps_the_cores(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores
+    assert usable_cores(tmp_path) == (1, "cgroup CPU quota 1.5")
+
+
+def test_a_cgroup_v1_quota_is_read_too(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(tmp_path) == (1, "cgroup CPU quota 1")
+
+
+def test_no_quota_leaves_the_affinity(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path) == (affinity(), "CPU affinity")
+    assert usable_cores(tmp_path / "nowhere") == (affinity(), "CPU affinity")
+
+
+def test_a_quota_above_the_affinity_does_not_raise_it(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text(f"{(affinity() + 8) * 100000} 100000\n")
+    assert usable_cores(tmp_path)[0] == affinity()
+
+
+def settings(**overrides: object) -> WorkerSettings:
+    return WorkerSettings(model=["m"], metrics_port=0, **overrides)  # type: ignore[arg-type]
+
+
+def test_an_image_model_on_a_gpu_gets_processes_lanes_and_a_short_gil_switch() -> None:
+    chosen = plan(settings(), IMAGES, on_gpu=True, cores=16, cores_why="test")
+    assert chosen.gpu_normalise
+    assert chosen.decode_processes == 16 - GPU_RESERVED_CORES
+    assert chosen.lanes == 2
+    assert chosen.pipeline_depth == 2
+    assert chosen.gil_switch_ms == 1.0
+    assert "16 cores (test)" in chosen.describe()
+
+
+def test_flags_win_over_choices() -> None:
+    chosen = plan(
+        settings(
+            decode_processes=3, preprocess_lanes=1, pipeline_depth=4, gil_switch_ms=0.0, gpu_decode=False
+        ),
+        IMAGES,
+        on_gpu=True,
+        cores=16,
+        cores_why="test",
+    )
+    assert (chosen.decode_processes, chosen.lanes, chosen.pipeline_depth, chosen.gil_switch_ms) == (
+        3,
+        1,
+        4,
+        0.0,
+    )
+    assert not chosen.gpu_decode
+
+
+def test_gpu_decode_alone_keeps_its_meaning() -> None:
+    chosen = plan(settings(gpu_decode=True), IMAGES, on_gpu=True, cores=16, cores_why="test")
+    assert chosen.gpu_decode
+    assert not chosen.gpu_normalise
+    assert chosen.decode_processes == 0
+
+
+@pytest.mark.parametrize(("model", "on_gpu"), [(IMAGES, False), (TENSORS, True), (TENSORS, False)])
+def test_a_cpu_backend_or_a_tensor_model_decodes_on_threads_sized_to_the_cores(
+    model: ModelConfig, on_gpu: bool
+) -> None:
+    chosen = plan(settings(), model, on_gpu=on_gpu, cores=3, cores_why="test")
+    assert (chosen.gpu_decode, chosen.gpu_normalise, chosen.decode_processes) == (False, False, 0)
+    assert chosen.decode_threads == 3
+    assert chosen.pipeline_depth == 1
+    assert chosen.gil_switch_ms == 0.0
+    assert plan(settings(decode_workers=5), model, on_gpu=on_gpu, cores=3, cores_why="t").decode_threads == 5

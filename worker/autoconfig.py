@@ -1,0 +1,133 @@
+"""Self-configuration: what this worker process has, and what it chooses where the settings leave it open.
+
+A Kubernetes pod gets one GPU and a CPU quota; one `jetinfer serve` must use both fully with no tuning
+flags. So at start the worker reads the cores it may use (its CPU affinity and the cgroup's CPU quota,
+not the node's `os.cpu_count()`), and per model, once a version is loaded, whether the backend runs on
+a GPU and whether the model takes images. From those it chooses (`plan`):
+
+- GPU backend, image model: decoding processes on the cores left after the event loop and the GPU's
+  feeding threads, split into two lanes, so two batches are decoded while the engine runs a third; small
+  JPEG batches (a lone request) decode on the GPU where torchvision can; uint8 pixels normalised on the
+  GPU; the GIL handed over every millisecond (the threads feeding the GPU wait for it otherwise).
+- CPU backend (or a tensor model): decode threads and ONNX Runtime's intra-op threads sized to the cores.
+
+Every choice is a setting; one given on the command line or in the environment wins. `Plan.describe()`
+is the one log line that says what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from jetinfer.repository import ModelConfig
+
+from .settings import WorkerSettings
+
+__all__ = ["Plan", "plan", "usable_cores"]
+
+#: Cores a GPU worker keeps for its event loop and the threads that feed the GPU (not for decoding).
+GPU_RESERVED_CORES = 2
+#: Batches made ahead at once on a GPU: two keep the engine busy while one batch's images decode.
+GPU_LANES = 2
+#: The GIL switch interval a GPU worker uses (Python's default is 5 ms).
+GPU_GIL_SWITCH_MS = 1.0
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """(cores this process may use, where that number comes from): affinity, capped by a cgroup quota."""
+    try:
+        cores, why = len(os.sched_getaffinity(0)), "CPU affinity"
+    except (AttributeError, OSError):
+        cores, why = os.cpu_count() or 1, "os.cpu_count()"
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None and quota < cores:
+        return max(1, math.floor(quota)), f"cgroup CPU quota {quota:g}"
+    return max(1, cores), why
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The cgroup's CPU quota in cores (v2 cpu.max, else v1 cfs quota/period); None where unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One model server's choices, each either set or chosen."""
+
+    gpu_decode: bool
+    gpu_normalise: bool
+    decode_processes: int
+    lanes: int
+    decode_threads: int
+    pipeline_depth: int
+    gil_switch_ms: float  # 0: leave Python's
+    reasons: tuple[str, ...]
+
+    def describe(self) -> str:
+        """What was chosen, and why, in one line."""
+        return "; ".join(self.reasons)
+
+
+def plan(settings: WorkerSettings, config: ModelConfig, *, on_gpu: bool, cores: int, cores_why: str) -> Plan:
+    """The choices for a model with `config` whose backend runs on a GPU (`on_gpu`) or not."""
+    reasons = [f"{cores} cores ({cores_why})"]
+    images = config.preprocess is not None
+    threads = settings.decode_workers or cores
+    if not (on_gpu and images):
+        reasons.append("GPU backend, tensor model" if on_gpu else "CPU backend")
+        reasons.append(f"{threads} decode threads")
+        return Plan(
+            gpu_decode=bool(settings.gpu_decode),
+            gpu_normalise=bool(settings.gpu_normalise),
+            decode_processes=settings.decode_processes or 0,
+            lanes=settings.preprocess_lanes or 1,
+            decode_threads=threads,
+            pipeline_depth=settings.pipeline_depth or 1,
+            gil_switch_ms=settings.gil_switch_ms or 0.0,
+            reasons=tuple(reasons),
+        )
+    reasons.append("GPU backend, image model")
+    # --gpu-decode alone keeps its meaning: every JPEG decoded on the GPU, nothing else added.
+    only_gpu_decode = (
+        settings.gpu_decode is True and settings.gpu_normalise is None and not settings.decode_processes
+    )
+    gpu_normalise = (not only_gpu_decode) if settings.gpu_normalise is None else settings.gpu_normalise
+    if settings.decode_processes is not None:
+        processes = settings.decode_processes
+    else:
+        processes = max(0, cores - GPU_RESERVED_CORES) if gpu_normalise else 0
+        if processes:
+            reasons.append(f"{processes} decoding processes (the cores less {GPU_RESERVED_CORES})")
+    if settings.gpu_decode is not None:
+        gpu_decode = settings.gpu_decode
+    else:
+        gpu_decode = importlib.util.find_spec("torchvision") is not None
+        reasons.append("small JPEG batches on the GPU" if gpu_decode else "no torchvision: JPEGs on the CPU")
+    lanes = settings.preprocess_lanes or (GPU_LANES if processes >= GPU_LANES or not processes else 1)
+    depth = settings.pipeline_depth or lanes
+    switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
+    reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")
+    return Plan(
+        gpu_decode=gpu_decode,
+        gpu_normalise=gpu_normalise or processes > 0,
+        decode_processes=processes,
+        lanes=lanes,
+        decode_threads=threads,
+        pipeline_depth=depth,
+        gil_switch_ms=switch,
+        reasons=tuple(reasons),
+    )
