@@ -54,6 +54,7 @@ from .gpu_decode import GpuJpegDecoder, GpuNormaliser
 from .metrics import WorkerMetrics
 from .reload import LoadedModel, ModelSlot
 from .replies import publish_reply
+from .reply_policy import ReplyPolicy
 from .requests import (
     PreparedRequest,
     check_deadline,
@@ -135,6 +136,7 @@ class ModelServer:
         self._engine_busy = 0  # batches in the infer stage's hands right now
         self._consumer: PullConsumer | None = None
         self._limits = Limits(max_bytes=settings.max_msg_size_bytes)
+        self._reply_policy = ReplyPolicy.of(settings.reply_prefixes, settings.nats_inbox_prefix)
         self.batches_run = 0
         self._gpu_decoder: GpuJpegDecoder | None = None
         self._gpu_normaliser: GpuNormaliser | None = None
@@ -252,6 +254,7 @@ class ModelServer:
                 gpu_jpeg=gpu_jpeg,
                 gpu_pixels=gpu_pixels,
                 defer_images=defer,
+                reply_policy=self._reply_policy,
             )
             for m in msgs
         ]
