@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetinfer.cleanup import logged
 from jetinfer.errors import InvalidInputError
@@ -34,6 +34,7 @@ from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
 from jetinfer.streams import RESULTS_STREAM, require_stream
 
 from .client import Client
+from .ids import new_request_id
 
 __all__ = ["Frame", "FrameResult", "default_job_id", "read_frames", "result_line", "video_job"]
 
@@ -179,8 +180,17 @@ async def video_job(
             replies[index] = reply
             arrived.set()
 
+    # A named consumer: its create subject then carries the filter, which is what lets the server allow
+    # a tenant consumers on its own results only (docs/operations.md, Tenants); stream= spares a
+    # look-up producers may not make.
+    named = ConsumerConfig(name=f"{job}-{new_request_id()[:16]}") if client.tenant else None
     subscription = await client.js.subscribe(
-        subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=on_result
+        subject,
+        stream=RESULTS_STREAM,
+        config=named,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        cb=on_result,
     )
     try:
         info = await client.js.stream_info("RESULTS", subjects_filter=subject)
