@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -683,3 +684,49 @@ async def test_an_invalid_request_near_max_payload_is_dead_lettered_without_cost
                 assert worker._nc.stats["reconnects"] == 0
             finally:
                 await client.close()
+
+
+# -- the client library's side ---------------------------------------------------------------------------
+
+
+def test_a_tenant_picks_the_subjects_the_inbox_and_the_results_of_its_client() -> None:
+    from jetinfer.errors import SettingsError
+    from jetinfer.settings import load_settings
+
+    settings = load_settings(ClientSettings, environ={"JETINFER_TENANT": "producer_a"})
+    assert settings.tenant == "producer_a"
+    assert settings.nats_inbox_prefix == "_INBOX.producer_a"
+    client = Client(settings=settings)
+    assert client.infer_subject("m") == "infer.m.producer_a"
+    assert client.results_subject("job-1") == "results.producer_a.job-1"
+    plain = Client(settings=ClientSettings())
+    assert (plain.infer_subject("m"), plain.results_subject("job-1")) == ("infer.m", "results.job-1")
+    assert plain.id_tag("job-1") is None  # without a tenant, ids stay exactly as they were
+    assert ClientSettings(tenant="t", nats_inbox_prefix="_INBOX.t.app").nats_inbox_prefix == "_INBOX.t.app"
+    for bad in ({"tenant": "Producer.A"}, {"tenant": "t", "nats_inbox_prefix": "_INBOX.other"}):
+        with pytest.raises(SettingsError) as info:
+            ClientSettings(**bad)  # type: ignore[arg-type]
+        assert "JETINFER_" in str(info.value)
+
+
+def test_ids_are_random_and_job_tags_need_the_tenants_credential(tmp_path: Path) -> None:
+    from jetinfer.producer.ids import id_key, keyed_tag, new_request_id
+
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)  # 128 random bits each
+    seed = tmp_path / "user.nk"
+    seed.write_bytes(b"SUAEXAMPLESEED")
+    keys = {
+        "a": id_key(ClientSettings(nats_user="a", nats_password="secret-a", tenant="a")),
+        "a again": id_key(ClientSettings(nats_user="a", nats_password="secret-a", tenant="a")),
+        "b": id_key(ClientSettings(nats_user="b", nats_password="secret-b", tenant="b")),
+        "nkey": id_key(ClientSettings(nats_nkey_seed_file=seed, tenant="a")),
+        "token": id_key(ClientSettings(nats_token="tok", tenant="a")),
+    }
+    assert keys["a"] == keys["a again"]  # stable: a re-run of a job finds its frames' ids again
+    assert len({keys["a"], keys["b"], keys["nkey"], keys["token"]}) == 4
+    assert id_key(ClientSettings(tenant="a")) == b""  # no credential, nothing to isolate
+    tag = keyed_tag(keys["a"], "clip-1")
+    assert tag == keyed_tag(keys["a"], "clip-1") != keyed_tag(keys["b"], "clip-1")
+    assert len(tag) == 24  # 96 bits
