@@ -3,6 +3,22 @@
 One piece of code for every place that prepares an image the way the model was trained to see it:
 the worker (its decode threads and decoding processes; Pillow releases the GIL while decoding) and
 the TensorRT builder's INT8 calibration. Never called on an event loop.
+
+Every image becomes 8-bit RGB before it is cropped and resized, and only where that is faithful:
+
+| Pillow mode | becomes |
+| --- | --- |
+| `RGB` | itself (the fast path of plain JPEGs) |
+| `1`, `L`, `P`, `RGBX`, `CMYK`, `YCbCr` | RGB, Pillow's conversion |
+| `LA`, `PA`, `RGBA`, `P` with transparency | RGB, alpha dropped (the colour under it stays) |
+| `I;16`, `I;16L`, `I;16B`, `I;16N` (16-bit grey) | the high byte of each value, as grey RGB |
+| `I` (32-bit integers) holding 0..65535 | read as 16-bit grey, as above |
+| `F` (32-bit float) holding 0.0..1.0 | `round(value * 255)`, as grey RGB |
+
+16-bit RGB and RGBA PNGs open as `RGB`/`RGBA` with the high byte already taken by Pillow, which is
+the same scaling. Anything else (`LAB`, `HSV`, `I` outside 0..65535, `F` outside 0.0..1.0 or not
+finite, modes a future Pillow adds) is refused with `invalid_input` naming the mode: never clipped,
+never guessed. Only the formats in `IMAGE_FORMATS` are opened, whatever the Content-Type says.
 """
 
 from __future__ import annotations
@@ -20,9 +36,23 @@ from jetinfer.errors import InvalidInputError, TooLargeError
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import PreprocessConfig
 
-__all__ = ["MAX_IMAGE_PIXELS", "decode_pixels", "image_pixels", "normalise", "preprocess_image"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "MAX_IMAGE_PIXELS",
+    "decode_pixels",
+    "image_pixels",
+    "normalise",
+    "preprocess_image",
+    "to_rgb",
+]
 
 MAX_IMAGE_PIXELS: Final = 64 * 1024 * 1024
+#: Formats Pillow may open: JPEG (multi-picture JPEGs from cameras open as MPO) and PNG, which requests
+#: declare, and the few formats a mislabelled image commonly is. Never EPS (Pillow runs Ghostscript
+#: for it) nor any other of Pillow's plugins.
+IMAGE_FORMATS: Final = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_CONVERTED_MODES: Final = frozenset({"1", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr"})
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _RESAMPLE: Final = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -34,11 +64,11 @@ def _decode(data: bytes, config: PreprocessConfig) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise TooLargeError(f"image of {width}x{height} pixels is over {MAX_IMAGE_PIXELS}")
-            if image.format == "JPEG":
+            if image.format in ("JPEG", "MPO"):
                 # Let libjpeg decode at a reduced scale when the target is much smaller (DCT scaling).
                 image.draft("RGB", (config.width, config.height))
             image.load()
@@ -46,7 +76,11 @@ def _decode(data: bytes, config: PreprocessConfig) -> Image.Image:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise TooLargeError(f"image is too large to decode: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise InvalidInputError(
+            f"cannot decode image: not one of the formats {', '.join(IMAGE_FORMATS)}"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
     return image
 
@@ -84,7 +118,7 @@ def _pixels(data: bytes, config: PreprocessConfig) -> npt.NDArray[np.uint8]:
 def image_pixels(image: Image.Image, config: PreprocessConfig) -> npt.NDArray[np.uint8]:
     """An opened image -> (H, W, 3) uint8 RGB: the central `center_crop` of each side, resized to
     width x height with the config's filter."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    image = to_rgb(image)
     if config.center_crop < 1.0:
         width, height = image.size
         crop_w, crop_h = round(width * config.center_crop), round(height * config.center_crop)
@@ -93,6 +127,51 @@ def image_pixels(image: Image.Image, config: PreprocessConfig) -> npt.NDArray[np
     if image.size != (config.width, config.height):
         image = image.resize((config.width, config.height), _RESAMPLE[config.resize])
     return np.asarray(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, faithfully (see the module's table), or InvalidInputError."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _CONVERTED_MODES:
+        return image.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        grey = _sixteen_bit_grey(image)
+    elif mode == "F":
+        grey = _unit_float_grey(image)
+    else:
+        raise InvalidInputError(
+            f"image mode {mode} is not supported: send 8-bit or 16-bit grey, RGB, RGBA, palette or CMYK"
+        )
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _sixteen_bit_grey(image: Image.Image) -> npt.NDArray[np.uint8]:
+    """16-bit grey (`I;16*`, or `I` in 0..65535) -> 8 bits: the high byte (Pillow does so for 16-bit RGB)."""
+    values = np.asarray(image)
+    if image.mode == "I" and values.size:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise InvalidInputError(
+                f"image mode I holds values {low}..{high}: only 16-bit integer images (0..65535) are taken"
+            )
+    grey: npt.NDArray[np.uint8] = np.right_shift(values, 8).astype(np.uint8)
+    return grey
+
+
+def _unit_float_grey(image: Image.Image) -> npt.NDArray[np.uint8]:
+    """Float grey (`F`) within 0.0..1.0 -> round(value * 255)."""
+    values = np.asarray(image, dtype=np.float32)
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+        finite = values[np.isfinite(values)]
+        shown = f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite values"
+        raise InvalidInputError(
+            f"image mode F holds {shown}{'' if finite.size == values.size else ' and NaN or infinity'}: "
+            "float images must hold 0.0..1.0"
+        )
+    grey: npt.NDArray[np.uint8] = np.rint(values * 255.0).astype(np.uint8)
+    return grey
 
 
 @functools.cache

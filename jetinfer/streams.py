@@ -2,12 +2,18 @@
 
 Whoever starts first (worker or producer) creates them with the same settings. An existing stream
 whose configuration differs is never changed silently: `StreamMismatchError` names the field.
+
+A model takes requests on two subjects: `infer.<model>` (no tenant) and `infer.<model>.<tenant>`, where
+the tenant token is fixed by the NATS server (each tenant's user may publish only
+`infer.*.<tenant>`; docs/operations.md, Tenants). The consumer `worker-<model>` filters both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from typing import Final
 
 from nats.js import JetStreamContext
@@ -22,23 +28,28 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from jetinfer.errors import StreamMismatchError, StreamMissingError
-from jetinfer.protocol import check_model_name
+from jetinfer.errors import InvalidInputError, StreamMismatchError, StreamMissingError
+from jetinfer.protocol import MODEL_NAME_PATTERN, check_model_name
 from jetinfer.settings import StreamSettings
 
 __all__ = [
     "DLQ_STREAM",
     "INFER_STREAM",
     "RESULTS_STREAM",
+    "TENANT_NAME_PATTERN",
+    "check_tenant_name",
     "consumer_name",
     "dlq_subject",
     "ensure_consumer",
     "ensure_streams",
     "infer_subject",
+    "infer_subjects",
+    "parse_infer_subject",
     "register_model",
     "reload_subject",
     "require_stream",
     "results_subject",
+    "subject_matches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,11 +58,51 @@ INFER_STREAM: Final = "INFER"
 RESULTS_STREAM: Final = "RESULTS"
 DLQ_STREAM: Final = "DLQ"
 RELOAD_PREFIX: Final = "jetinfer.control.reload"
+#: Tenant names: one subject token, the same alphabet as model names.
+TENANT_NAME_PATTERN: Final = re.compile(r"[a-z0-9_-]{1,64}")
 
 
-def infer_subject(model: str) -> str:
-    """`infer.<model>`: where requests for `model` are published."""
-    return f"infer.{check_model_name(model)}"
+def check_tenant_name(name: str) -> str:
+    """Return `name` if it is a valid tenant name (`[a-z0-9_-]{1,64}`), else raise InvalidInputError."""
+    if not isinstance(name, str) or not TENANT_NAME_PATTERN.fullmatch(name):
+        raise InvalidInputError(f"invalid tenant name {name!r}: must match [a-z0-9_-]{{1,64}}")
+    return name
+
+
+def infer_subject(model: str, tenant: str | None = None) -> str:
+    """`infer.<model>`, or `infer.<model>.<tenant>`: where requests for `model` are published."""
+    subject = f"infer.{check_model_name(model)}"
+    return subject if tenant is None else f"{subject}.{check_tenant_name(tenant)}"
+
+
+def infer_subjects(model: str) -> list[str]:
+    """The subjects INFER takes for `model` and its consumer filters: `infer.<model>`, `infer.<model>.*`."""
+    subject = infer_subject(model)
+    return [subject, f"{subject}.*"]
+
+
+def parse_infer_subject(subject: str) -> tuple[str, str | None]:
+    """(model, tenant or None) of a request subject; InvalidInputError for any other subject."""
+    parts = subject.split(".")
+    if (
+        len(parts) in (2, 3)
+        and parts[0] == "infer"
+        and MODEL_NAME_PATTERN.fullmatch(parts[1])
+        and (len(parts) == 2 or TENANT_NAME_PATTERN.fullmatch(parts[2]))
+    ):
+        return parts[1], parts[2] if len(parts) == 3 else None
+    raise InvalidInputError(f"{subject[:128]!r} is not a request subject (infer.<model>[.<tenant>])")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether the literal `subject` matches the NATS subject `pattern` (`*` one token, `>` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for index, token in enumerate(want):
+        if token == ">":
+            return len(have) > index
+        if index >= len(have) or (token != "*" and token != have[index]):
+            return False
+    return len(have) == len(want)
 
 
 def consumer_name(model: str) -> str:
@@ -59,9 +110,9 @@ def consumer_name(model: str) -> str:
     return f"worker-{check_model_name(model)}"
 
 
-def results_subject(job: str) -> str:
-    """`results.<job>`: durable replies of a batch job."""
-    return f"results.{job}"
+def results_subject(job: str, tenant: str | None = None) -> str:
+    """`results.<job>`, or `results.<tenant>.<job>`: durable replies of a batch job."""
+    return f"results.{job}" if tenant is None else f"results.{check_tenant_name(tenant)}.{job}"
 
 
 def dlq_subject(model: str) -> str:
@@ -168,14 +219,16 @@ async def require_stream(js: JetStreamContext, name: str, hint: str) -> None:
 
 
 async def register_model(js: JetStreamContext, model: str, settings: StreamSettings) -> None:
-    """Add `infer.<model>` to the INFER stream (creating it if needed); the registration outlives workers."""
-    subject = infer_subject(model)
+    """Add `infer.<model>` and `infer.<model>.*` to the INFER stream (creating it if needed); the
+    registration outlives workers. A stream registered before tenants gets the second subject added."""
+    wanted = infer_subjects(model)
     for attempt in range(10):
-        config = await _ensure_stream(js, _infer_config(settings, [subject]))
+        config = await _ensure_stream(js, _infer_config(settings, wanted))
         subjects = list(config.subjects or [])
-        if subject in subjects:
+        missing = [subject for subject in wanted if subject not in subjects]
+        if not missing:
             return
-        config.subjects = [*subjects, subject]
+        config.subjects = [*subjects, *missing]
         try:
             await js.update_stream(config=config)
         except Exception as exc:  # a concurrent update; re-read and try again
@@ -183,14 +236,15 @@ async def register_model(js: JetStreamContext, model: str, settings: StreamSetti
         # Concurrent registrations are read-modify-write: verify ours survived.
         await asyncio.sleep(0.02 * attempt)
     info = await js.stream_info(INFER_STREAM)
-    if subject not in (info.config.subjects or []):
-        raise RuntimeError(f"could not add {subject} to stream {INFER_STREAM} after 10 attempts")
+    missing = [subject for subject in wanted if subject not in (info.config.subjects or [])]
+    if missing:
+        raise RuntimeError(f"could not add {', '.join(missing)} to stream {INFER_STREAM} after 10 attempts")
 
 
 def _consumer_config(model: str, settings: StreamSettings) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=consumer_name(model),
-        filter_subject=infer_subject(model),
+        filter_subjects=infer_subjects(model),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
@@ -200,8 +254,16 @@ def _consumer_config(model: str, settings: StreamSettings) -> ConsumerConfig:
     )
 
 
+def _filters(config: ConsumerConfig) -> list[str]:
+    return list(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+
+
 async def ensure_consumer(js: JetStreamContext, model: str, settings: StreamSettings) -> None:
-    """Create the durable pull consumer `worker-<model>`, or check the existing one."""
+    """Create the durable pull consumer `worker-<model>`, or check the existing one.
+
+    A consumer made before tenants (its one filter `infer.<model>`) gets `infer.<model>.*` added, with a
+    log line: the only change ever applied to an existing consumer, and one that takes nothing away.
+    """
     wanted = _consumer_config(model, settings)
     name = consumer_name(model)
     try:
@@ -212,8 +274,16 @@ async def ensure_consumer(js: JetStreamContext, model: str, settings: StreamSett
             logger.info("created consumer %s on %s", name, INFER_STREAM)
         except Exception:
             info = await js.consumer_info(INFER_STREAM, name)
+    if _filters(info.config) == [infer_subject(model)]:
+        upgraded = dataclasses.replace(
+            info.config, filter_subject=None, filter_subjects=infer_subjects(model)
+        )
+        info = await js.add_consumer(INFER_STREAM, config=upgraded)  # create-or-update of a durable
+        logger.info("consumer %s now also takes tenant requests (%s)", name, ", ".join(_filters(info.config)))
     have = info.config
-    for field_name in ("filter_subject", "ack_policy", "max_deliver", "max_ack_pending"):
+    if _filters(have) != _filters(wanted):
+        raise StreamMismatchError(f"consumer {name}", "filter_subjects", _filters(have), _filters(wanted))
+    for field_name in ("ack_policy", "max_deliver", "max_ack_pending"):
         if getattr(have, field_name) != getattr(wanted, field_name):
             raise StreamMismatchError(
                 f"consumer {name}", field_name, getattr(have, field_name), getattr(wanted, field_name)

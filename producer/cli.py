@@ -132,6 +132,7 @@ async def _infer(
 
 
 def _video_command(args: argparse.Namespace) -> int:
+    from .ids import id_key
     from .video import default_job_id
 
     settings = load_settings(ProducerSettings, args)
@@ -141,7 +142,8 @@ def _video_command(args: argparse.Namespace) -> int:
     if args.every_n < 1 or (args.fps is not None and args.fps <= 0) or args.in_flight < 1:
         print("jetinfer video: error: --every-n and --in-flight must be >= 1, --fps above 0", file=sys.stderr)
         return 2
-    job = args.job or default_job_id(args.input, args.model, args.every_n, args.fps)
+    key = id_key(settings) if settings.tenant else b""
+    job = args.job or default_job_id(args.input, args.model, args.every_n, args.fps, key=key)
     labels = tuple(args.labels.read_text().splitlines()) if args.labels else imagenet_labels()
     return asyncio.run(_video(settings, args, job, labels))
 

@@ -10,6 +10,11 @@ reconnect, every request still waiting is published again (after `resend_after_s
 already on their way arrive first), under the id `<id>~r<n>` (the original id is deduplicated by
 JetStream for two minutes); whichever reply comes first answers the call, the other is dropped
 as a duplicate.
+
+With a tenant (`ClientSettings.tenant`, `--tenant`, `JETINFER_TENANT`), requests go to
+`infer.<model>.<tenant>`, the reply inbox is below `_INBOX.<tenant>` and durable job replies go to
+`results.<tenant>.<job>`: the only places a worker replies to for that tenant's requests. Request ids
+are 128 random bits (`ids.new_request_id`), so no other tenant can predict one and publish it first.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import dataclasses
 import logging
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -61,9 +65,11 @@ from jetinfer.protocol import (
     request_headers,
 )
 from jetinfer.settings import ConnectionSettings
-from jetinfer.streams import INFER_STREAM, infer_subject
+from jetinfer.streams import INFER_STREAM, infer_subject, results_subject, subject_matches
 
+from .ids import id_key, keyed_tag, new_request_id
 from .metrics import ClientMetrics
+from .settings import ClientSettings
 
 __all__ = ["Client", "Payload", "encode_payload"]
 
@@ -153,8 +159,11 @@ class Client:
         resend_after_s: float = 1.0,
     ) -> None:
         if settings is None:
-            settings = ConnectionSettings(nats_url=url) if url else ConnectionSettings()
+            settings = ClientSettings(nats_url=url) if url else ClientSettings()
         self.settings = settings
+        #: The tenant this client publishes as (ClientSettings.tenant), or None.
+        self.tenant = settings.tenant if isinstance(settings, ClientSettings) else None
+        self._id_key: bytes | None = None
         self.publish_retries = publish_retries
         self.publish_timeout_s = publish_timeout_s
         self._nc: NatsClient | None = None
@@ -274,8 +283,31 @@ class Client:
         self.resent += 1
 
     def new_request_id(self) -> str:
-        """A fresh, unique request id."""
-        return uuid.uuid4().hex
+        """A fresh, unique request id that nobody can predict (128 random bits)."""
+        return new_request_id()
+
+    def infer_subject(self, model: str) -> str:
+        """Where this client publishes requests for `model`: `infer.<model>[.<tenant>]`."""
+        return infer_subject(model, self.tenant)
+
+    def results_subject(self, job: str) -> str:
+        """Where durable replies of this client's job `job` go: `results.[<tenant>.]<job>`."""
+        return results_subject(job, self.tenant)
+
+    def id_tag(self, name: str) -> str | None:
+        """With a tenant, a tag for ids derived from `name` that only this client's credential gives
+        (`ids.keyed_tag`); None without a tenant (ids stay as they are)."""
+        if self.tenant is None:
+            return None
+        if self._id_key is None:
+            self._id_key = id_key(self.settings)
+            if not self._id_key:
+                logger.warning(
+                    "tenant %s without credentials: ids derived from job names are predictable "
+                    "(without authentication the server isolates no tenant anyway)",
+                    self.tenant,
+                )
+        return keyed_tag(self._id_key, name)
 
     async def publish(
         self,
@@ -318,7 +350,7 @@ class Client:
                 f"request of {len(body)} bytes is over the server's max_payload of {max_payload}"
             )
         headers = request_headers(request_id, reply_to, content_type=content_type, deadline_ms=deadline_ms)
-        subject = infer_subject(model)
+        subject = self.infer_subject(model)
         await self._publish_with_retries(subject, body, headers, request_id)
         return _Sent(subject, body, content_type, request_id, reply_to, deadline_ms, time.monotonic())
 
@@ -336,7 +368,7 @@ class Client:
                 return
             except NoStreamResponseError:
                 if not await self._stream_takes(subject):
-                    model = subject.split(".", 1)[-1]
+                    model = subject.split(".")[1]
                     raise UnknownModelError(
                         f"no worker has registered model {model!r} (no stream takes {subject}); "
                         "start a worker that serves it"
@@ -360,7 +392,7 @@ class Client:
             return known[1]
         try:
             info = await asyncio.wait_for(self.js.stream_info(INFER_STREAM), 2)
-            takes = subject in (info.config.subjects or [])
+            takes = any(subject_matches(pattern, subject) for pattern in info.config.subjects or [])
         except NotFoundError:
             takes = False
         except Exception as exc:  # JetStream itself electing a leader, or no permission to ask

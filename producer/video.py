@@ -2,8 +2,10 @@
 
 A job publishes its frames with durable replies on the stream RESULTS (`results.<job>`), and reads
 them back from there, so results survive the producer: re-running the same job id first reads what
-is already answered and sends only the rest. Frame request ids are `<job>-<index>`, used as
-`Nats-Msg-Id`, so a frame sent again while its first copy still waits in INFER is stored once.
+is already answered and sends only the rest. Frame request ids are `<job>-<index>` (with a tenant:
+`<job>-<tag>-<index>`, the tag a keyed hash of the job only this client's credential gives, see
+`ids`), used as `Nats-Msg-Id`, so a frame sent again while its first copy still waits in INFER is
+stored once, and no other tenant can publish one of them first.
 
     async with Client(url) as client:
         async for result in video_job(client, "efficientnet_lite0", read_frames(path), job="clip-1"):
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -23,14 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetinfer.cleanup import logged
 from jetinfer.errors import InvalidInputError
 from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
-from jetinfer.streams import RESULTS_STREAM, require_stream, results_subject
+from jetinfer.streams import RESULTS_STREAM, require_stream
 
 from .client import Client
+from .ids import new_request_id
 
 __all__ = ["Frame", "FrameResult", "default_job_id", "read_frames", "result_line", "video_job"]
 
@@ -59,11 +63,17 @@ class FrameResult:
     resumed: bool = False  # answered in an earlier run of the same job
 
 
-def default_job_id(source: Path, model: str, every_n: int, fps: float | None) -> str:
-    """A job id that is the same for the same input, model and sampling, so a re-run resumes."""
+def default_job_id(source: Path, model: str, every_n: int, fps: float | None, *, key: bytes = b"") -> str:
+    """A job id that is the same for the same input, model and sampling, so a re-run resumes.
+
+    With `key` (`ids.id_key` of the client's settings, for a tenant) it is a keyed hash, so another
+    tenant, who sees job names in the stream's subjects, cannot tell which file a job reads.
+    """
     stat = source.stat()
-    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{model}|{every_n}|{fps}"
-    return "job-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    text = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{model}|{every_n}|{fps}"
+    if key:
+        return "job-" + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:16]
+    return "job-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_frames(
@@ -118,12 +128,12 @@ def read_frames(
         capture.release()
 
 
-def _frame_id(job: str, index: int) -> str:
-    return f"{job}-{index:08d}"
+def _frame_id(job: str, index: int, tag: str | None = None) -> str:
+    return f"{job}-{index:08d}" if tag is None else f"{job}-{tag}-{index:08d}"
 
 
-def _index_of(job: str, request_id: str) -> int | None:
-    prefix = f"{job}-"
+def _index_of(job: str, request_id: str, tag: str | None = None) -> int | None:
+    prefix = f"{job}-" if tag is None else f"{job}-{tag}-"
     if not request_id.startswith(prefix):
         return None
     digits = request_id[len(prefix) :].split("~", 1)[0]
@@ -148,7 +158,8 @@ async def video_job(
     """
     if not job or any(c in job for c in " .*>"):
         raise InvalidInputError(f"job id {job!r} must be a non-empty token without spaces, '.', '*' or '>'")
-    subject = results_subject(job)
+    subject = client.results_subject(job)
+    tag = client.id_tag(job)
     # Workers create the streams with the deployment's settings; a producer only checks that RESULTS is there.
     await require_stream(
         client.js, RESULTS_STREAM, "start a worker first (it creates INFER, RESULTS and DLQ)"
@@ -164,13 +175,22 @@ async def video_job(
         except Exception as exc:
             logger.warning("job %s: unreadable result: %s", job, exc)
             return
-        index = _index_of(job, reply.id)
+        index = _index_of(job, reply.id, tag)
         if index is not None and index in timestamps and index not in replies:
             replies[index] = reply
             arrived.set()
 
+    # A named consumer: its create subject then carries the filter, which is what lets the server allow
+    # a tenant consumers on its own results only (docs/operations.md, Tenants); stream= spares a
+    # look-up producers may not make.
+    named = ConsumerConfig(name=f"{job}-{new_request_id()[:16]}") if client.tenant else None
     subscription = await client.js.subscribe(
-        subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=on_result
+        subject,
+        stream=RESULTS_STREAM,
+        config=named,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        cb=on_result,
     )
     try:
         info = await client.js.stream_info("RESULTS", subjects_filter=subject)
@@ -189,7 +209,7 @@ async def video_job(
             len(already),
             len(pending),
         )
-        sender = asyncio.create_task(_send(client, model, pending, job, subject, replies, in_flight))
+        sender = asyncio.create_task(_send(client, model, pending, job, tag, subject, replies, in_flight))
         next_index = 0
         resends = 0
         last_progress = time.monotonic()
@@ -219,7 +239,7 @@ async def video_job(
                     if resends >= max_resends:
                         for frame in missing:
                             replies[frame.index] = ErrorReply(
-                                _frame_id(job, frame.index),
+                                _frame_id(job, frame.index, tag),
                                 "deadline_exceeded",
                                 f"no reply after {max_resends + 1} sends",
                             )
@@ -232,7 +252,7 @@ async def video_job(
                         len(missing),
                     )
                     sender = asyncio.create_task(
-                        _send(client, model, missing, job, subject, replies, in_flight, attempt=resends)
+                        _send(client, model, missing, job, tag, subject, replies, in_flight, attempt=resends)
                     )
                     last_progress = time.monotonic()
         finally:
@@ -248,6 +268,7 @@ async def _send(
     model: str,
     frames: list[Frame],
     job: str,
+    tag: str | None,
     subject: str,
     replies: dict[int, Any],
     in_flight: int,
@@ -262,7 +283,7 @@ async def _send(
         if frame.index in replies:
             continue
         # A resend gets a new id: the same id inside the duplicate window would be dropped by JetStream.
-        request_id = _frame_id(job, frame.index) + (f"~r{attempt}" if attempt else "")
+        request_id = _frame_id(job, frame.index, tag) + (f"~r{attempt}" if attempt else "")
         await client.publish(model, frame.image, request_id=request_id, reply_to=subject)
         sent.append(frame.index)
 

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from jetinfer.settings import StreamSettings
-from jetinfer.streams import INFER_STREAM, consumer_name
+from jetinfer.streams import INFER_STREAM, consumer_name, infer_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -1099,13 +1099,17 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
         worker = await connect("worker", WORKER_INBOX)
         wjs = worker.jetstream()
         await wjs.add_stream(
-            StreamConfig(name=INFER_STREAM, subjects=["infer.demo"], retention=RetentionPolicy.WORK_QUEUE)
+            StreamConfig(
+                name=INFER_STREAM, subjects=infer_subjects("demo"), retention=RetentionPolicy.WORK_QUEUE
+            )
         )
         await wjs.add_stream(StreamConfig(name="RESULTS", subjects=["results.>"]))
         await wjs.add_consumer(
             INFER_STREAM,
             ConsumerConfig(
-                durable_name=consumer_name("demo"), filter_subject="infer.demo", ack_policy=AckPolicy.EXPLICIT
+                durable_name=consumer_name("demo"),
+                filter_subjects=infer_subjects("demo"),
+                ack_policy=AckPolicy.EXPLICIT,
             ),
         )
         reloads: list[str] = []
@@ -1116,11 +1120,11 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
 
         await worker.subscribe("jetinfer.control.reload.>", cb=on_reload)
 
-        # A producer publishes a request (JetStream acks it into its own inbox) ...
+        # A producer publishes a request as its tenant (JetStream acks it into its own inbox) ...
         producer = await connect("producer_a", "_INBOX.producer_a")
         pjs = producer.jetstream()
         ack = await pjs.publish(
-            "infer.demo", b"request", headers={"Jetinfer-Reply-To": "_INBOX.producer_a.r1"}
+            "infer.demo.producer_a", b"request", headers={"Jetinfer-Reply-To": "_INBOX.producer_a.r1"}
         )
         assert ack.stream == INFER_STREAM
         replies: list[bytes] = []
@@ -1137,7 +1141,7 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
             )
 
         # The worker pulls the request (still there), replies into the producer's inbox, acks.
-        sub = await wjs.pull_subscribe("infer.demo", durable="worker-demo", stream=INFER_STREAM)
+        sub = await wjs.pull_subscribe_bind("worker-demo", stream=INFER_STREAM)
         (msg,) = await sub.fetch(1, timeout=2)
         assert msg.data == b"request"
         await worker.publish(msg.headers["Jetinfer-Reply-To"], b"reply")

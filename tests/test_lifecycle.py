@@ -281,7 +281,7 @@ async def test_a_reply_the_server_refuses_is_termed_copied_and_counted(world: An
     assert [s for s, _ in replies(world.nc)] == ["_INBOX.other.1"]  # the reply only, no error reply after it
     assert dlq_reasons(world.js) == ["reply_refused"]
     refused = world.metrics.registry.get_sample_value(
-        "jetinfer_replies_refused_total", {"model": MODEL, "version": "", "status": "reply_refused"}
+        "jetinfer_replies_refused_total", {"model": MODEL, "version": "1", "status": "reply_refused"}
     )
     assert refused == 1.0
 

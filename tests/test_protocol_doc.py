@@ -225,14 +225,25 @@ def test_the_client_run_printed_the_documented_bytes() -> None:
     assert replies == [parse_hexdump(fenced_blocks("hex")["reply"]).hex()]
 
 
-def test_the_client_uses_the_protocols_header_names_and_subject() -> None:
-    client = fenced_blocks("js")
-    code = "\n".join(client.values())
-    assert re.findall(r'h\.set\("([^"]+)"', code) == [HEADER_REPLY_TO, HEADER_DEADLINE, HEADER_CONTENT_TYPE]
-    assert f'"{CONTENT_TYPE_MSGPACK}"' in code
-    assert f'.publish("{infer_subject("identity")}"' in code
-    assert "msgID: id" in code  # nats.js writes it as the Nats-Msg-Id header
-    assert f'get("{HEADER_STATUS}")' in code
+def test_the_clients_use_the_protocols_header_names_and_subjects() -> None:
+    clients = fenced_blocks("js")
+    assert set(clients) == {"infer.mjs", "client.mjs"}
+    for code in clients.values():
+        headers = re.findall(r'h\.set\("([^"]+)"', code)
+        assert headers == [HEADER_REPLY_TO, HEADER_DEADLINE, HEADER_CONTENT_TYPE]
+        assert f'"{CONTENT_TYPE_MSGPACK}"' in code
+        assert "randomUUID()" in code  # ids nobody can guess
+    example = clients["infer.mjs"]
+    assert f'.publish("{infer_subject("identity")}"' in example
+    assert "msgID: id" in example  # nats.js writes it as the Nats-Msg-Id header
+    assert f'get("{HEADER_STATUS}")' in example
+    client = clients["client.mjs"]  # tests/test_node_client.py runs it; here: the duties are written down
+    assert "msgID: msgId" in client
+    assert "`${entry.id}~r${entry.attempt}`" in client  # re-sends under <id>~r<n>
+    assert r'replace(/~r[0-9]+$/, "")' in client  # replies deduplicated by request id
+    assert 'status.type === "reconnect"' in client
+    assert "`infer.${model}.${this.tenant}`" in client
+    assert "`_INBOX.${tenant}`" in client
 
 
 # -- tables ----------------------------------------------------------------------------------------------

@@ -31,12 +31,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from jetinfer.cleanup import logged
-from jetinfer.errors import BackendError, RetryableError
+from jetinfer.errors import BackendError, InvalidInputError, RetryableError
 from jetinfer.protocol import HEADER_MSG_ID, HEADER_REPLY_TO, encode_error
 from jetinfer.settings import StreamSettings
-from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject, infer_subject
+from jetinfer.streams import INFER_STREAM, consumer_name, dlq_subject, infer_subjects, parse_infer_subject
 
 from .replies import publish_reply, valid_reply_subject
+from .reply_policy import ReplyPolicy
 from .settle import dlq_headers
 
 __all__ = ["ADVISORY_QUEUE", "DeadLetters", "max_deliveries_subject"]
@@ -57,9 +58,16 @@ class DeadLetters:
     """Buries requests of `models` that ran out of deliveries: DLQ, error reply, delete from INFER."""
 
     def __init__(
-        self, nc: NatsClient, js: JetStreamContext, models: list[str], settings: StreamSettings
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        models: list[str],
+        settings: StreamSettings,
+        *,
+        reply_policy: ReplyPolicy | None = None,
     ) -> None:
         self._nc = nc
+        self._reply_policy = reply_policy or ReplyPolicy()
         self._js = js
         self._models = {consumer_name(m): m for m in models}
         self._settings = settings
@@ -101,7 +109,11 @@ class DeadLetters:
             stored = await self._js.get_msg(INFER_STREAM, seq)
         except NotFoundError:
             return False  # answered late, or buried by another worker
-        if stored.subject != infer_subject(model) or stored.data is None:
+        try:
+            stored_model, _tenant = parse_infer_subject(stored.subject or "")
+        except InvalidInputError:
+            return False
+        if stored_model != model or stored.data is None:
             return False
         headers = dict(stored.headers or {})
         request_id = headers.get(HEADER_MSG_ID) or f"seq-{seq}"
@@ -122,7 +134,8 @@ class DeadLetters:
             reply_to = headers.get(HEADER_REPLY_TO)
             if valid_reply_subject(reply_to):
                 assert reply_to is not None
-                with contextlib.suppress(RetryableError):
+                with contextlib.suppress(InvalidInputError, RetryableError):
+                    reply_to = self._reply_policy.reply_subject(reply_to, stored.subject or "")
                     await publish_reply(
                         self._nc,
                         self._js,
@@ -149,17 +162,17 @@ class DeadLetters:
         if info.num_ack_pending or info.num_pending:
             return 0  # busy: anything stored may still be delivered or answered
         delivered = (info.delivered.stream_seq or 0) if info.delivered is not None else 0
-        seq, buried = 0, 0
-        while buried < limit:
-            try:
-                stored = await self._js.get_msg(
-                    INFER_STREAM, seq=seq + 1, subject=infer_subject(model), next=True
-                )
-            except NotFoundError:
-                break
-            if stored.seq is None or stored.seq > delivered:
-                break
-            seq = stored.seq
-            if await self.bury(model, seq, self._settings.max_deliver, found_by="sweep"):
-                buried += 1
+        buried = 0
+        for subject in infer_subjects(model):  # requests without a tenant, then tenants' requests
+            seq = 0
+            while buried < limit:
+                try:
+                    stored = await self._js.get_msg(INFER_STREAM, seq=seq + 1, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                if stored.seq is None or stored.seq > delivered:
+                    break
+                seq = stored.seq
+                if await self.bury(model, seq, self._settings.max_deliver, found_by="sweep"):
+                    buried += 1
         return buried

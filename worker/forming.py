@@ -21,6 +21,7 @@ from jetinfer.repository import ModelConfig
 from .batcher import Batch, make_batches
 from .prepare import PreparedRequest, prepare_request, request_content_type
 from .preprocess import Preprocessing
+from .reply_policy import ReplyPolicy
 
 __all__ = ["BatchFormer", "Formed"]
 
@@ -35,12 +36,19 @@ class BatchFormer:
     """Forms the batches of one model server, with its preprocessing strategy and the decode threads."""
 
     def __init__(
-        self, preprocessing: Preprocessing, pool: ThreadPoolExecutor, *, threads: int, limits: Limits
+        self,
+        preprocessing: Preprocessing,
+        pool: ThreadPoolExecutor,
+        *,
+        threads: int,
+        limits: Limits,
+        reply_policy: ReplyPolicy,
     ) -> None:
         self._preprocessing = preprocessing
         self._pool = pool
         self._threads = threads
         self._limits = limits
+        self._reply_policy = reply_policy
 
     async def form(self, msgs: Sequence[Msg], config: ModelConfig, max_batch: int) -> Formed:
         """Batches of at most `max_batch` frames from `msgs`, for a version with `config`."""
@@ -75,7 +83,9 @@ class BatchFormer:
         strategy = self._preprocessing
         prepared = []
         for msg in msgs:
-            request = prepare_request(msg, config, max_batch=max_batch, limits=self._limits)
+            request = prepare_request(
+                msg, config, max_batch=max_batch, limits=self._limits, reply_policy=self._reply_policy
+            )
             if (
                 request.encoded
                 and request.error is None

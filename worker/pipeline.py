@@ -42,6 +42,7 @@ from .metrics import WorkerMetrics
 from .preprocess import Preprocessing, choose_preprocessing
 from .reload import ModelSlot
 from .replies import ReplyRefusals
+from .reply_policy import ReplyPolicy
 from .run import RanBatch, Runner
 from .settings import WorkerSettings
 from .settle import Settler
@@ -158,6 +159,7 @@ class Pipeline:
             self._decode_pool,
             threads=the_plan.decode_threads,
             limits=Limits(max_bytes=self._settings.max_msg_size_bytes),
+            reply_policy=ReplyPolicy.of(self._settings.reply_prefixes, self._settings.nats_inbox_prefix),
         )
         self.intake.capacity = self.max_batch * self._settings.fetch_batches
         await self.intake.start()

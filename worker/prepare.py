@@ -38,6 +38,7 @@ from jetinfer.protocol import (
 from jetinfer.repository import ModelConfig
 
 from .intake import delivery_info
+from .reply_policy import ReplyPolicy
 
 __all__ = [
     "PreparedRequest",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _REPLY_SUBJECT: Final = re.compile(r"[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*")
+_DEFAULT_REPLY_POLICY: Final = ReplyPolicy()
 
 
 @dataclass(slots=True, eq=False)
@@ -129,10 +131,12 @@ def prepare_request(
     *,
     max_batch: int,
     limits: Limits,
+    reply_policy: ReplyPolicy = _DEFAULT_REPLY_POLICY,
 ) -> PreparedRequest:
     """Read and validate one message for `config`. Never raises; errors are set on the result.
 
-    Tensors are decoded and checked here; an image is checked for size and kept encoded.
+    Tensors are decoded and checked here; an image is checked for size and kept encoded. `reply_policy`
+    decides where the reply may go (a `Jetinfer-Reply-To` outside it is invalid_input, answered nowhere).
     """
     headers = msg.headers or {}
     deliveries, enqueued_at = delivery_info(msg)
@@ -146,6 +150,9 @@ def prepare_request(
         if reply_to is not None and (len(reply_to) > 256 or not _REPLY_SUBJECT.fullmatch(reply_to)):
             request.reply_to = None
             raise InvalidInputError(f"{HEADER_REPLY_TO} {reply_to[:64]!r} is not a valid subject")
+        if reply_to is not None:
+            request.reply_to = None  # answered nowhere unless the policy allows it
+            request.reply_to = reply_policy.reply_subject(reply_to, msg.subject)
         deadline = headers.get(HEADER_DEADLINE)
         if deadline is not None:
             try:

@@ -59,16 +59,21 @@ class ReplyRefusals:
         if found is None:
             return False
         self._count += 1
-        self._refused.append((self._count, found.group(1)))
+        self._refused.append((self._count, found.group(1).lower()))
         return True
 
     def mark(self) -> int:
-        """A point to look back to: `since(mark)` lists what the server refused after it."""
+        """A point to look back to: `refused_since(mark, subject)` says what the server refused after it."""
         return self._count
 
-    def since(self, mark: int) -> set[str]:
-        """Subjects refused after `mark`."""
-        return {subject for number, subject in self._refused if number > mark}
+    def refused_since(self, mark: int, subject: str) -> bool:
+        """Whether the server refused a publish to `subject` after `mark`.
+
+        nats-py reports the server's error in lower case, so subjects are compared so: a subject that
+        differs from a refused one in case alone counts as refused too.
+        """
+        wanted = subject.lower()
+        return any(number > mark and refused == wanted for number, refused in self._refused)
 
 
 def fits_max_payload(nc: NatsClient, body: bytes, headers: dict[str, str]) -> bool:

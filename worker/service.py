@@ -48,6 +48,7 @@ from .metrics import GpuProbe, WorkerMetrics
 from .pipeline import Pipeline
 from .reload import ModelSlot
 from .replies import ReplyRefusals
+from .reply_policy import ReplyPolicy
 from .settings import WorkerSettings
 
 __all__ = ["Worker"]
@@ -146,7 +147,13 @@ class Worker:
             self._subscriptions.append(
                 await self._nc.subscribe(reload_subject(model), cb=self._on_reload_signal)
             )
-        self.dead_letters = DeadLetters(self._nc, self._js, self.models, self.settings)
+        self.dead_letters = DeadLetters(
+            self._nc,
+            self._js,
+            self.models,
+            self.settings,
+            reply_policy=ReplyPolicy.of(self.settings.reply_prefixes, self.settings.nats_inbox_prefix),
+        )
         await self.dead_letters.start()
         for model in self.models:
             result = await self.slots[model].refresh()

@@ -11,6 +11,7 @@ from jetinfer.protocol import MODEL_NAME_PATTERN
 from jetinfer.settings import ConnectionSettings, StreamSettings, require, setting
 
 from .backends.base import BackendOptions
+from .reply_policy import DEFAULT_REPLY_PREFIXES, check_reply_prefix
 
 __all__ = ["BackendSettings", "WorkerSettings"]
 
@@ -136,6 +137,12 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         2.0, "idle heartbeat of pull requests; a stalled pull is renewed after 3 misses"
     )
     worker_id: str = setting(_default_worker_id(), "this worker's name in replies to control messages")
+    reply_prefixes: list[str] = setting(
+        list(DEFAULT_REPLY_PREFIXES),
+        "subject prefixes replies may go below (clients' inboxes, results for durable job replies); a "
+        "tenant's request (infer.<model>.<tenant>) may reply only below <prefix>.<tenant>. Any other "
+        "Jetinfer-Reply-To is never published to: invalid_input, DLQ",
+    )
 
     def __post_init__(self) -> None:
         BackendSettings.__post_init__(self)
@@ -191,6 +198,10 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         require(self.reload_poll_s >= 0, "reload_poll_s", "must be >= 0")
         require(self.lag_poll_s > 0, "lag_poll_s", "must be above 0")
         require(0.1 <= self.heartbeat_s <= 30, "heartbeat_s", "must be 0.1..30")
+        require(bool(self.reply_prefixes), "reply_prefixes", "give one or more prefixes, such as _INBOX")
+        for prefix in self.reply_prefixes:
+            problem = check_reply_prefix(prefix)
+            require(problem is None, "reply_prefixes", problem or "")
 
     def nak_delay_s(self, deliveries: int) -> float:
         """The redelivery delay after the `deliveries`-th failed delivery."""

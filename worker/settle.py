@@ -38,7 +38,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
-from jetinfer.errors import BackendError, PermanentError, ReplyRefusedError, RequestError, RetryableError
+from jetinfer.errors import (
+    BackendError,
+    PermanentError,
+    ReplyRefusedError,
+    RequestError,
+    RetryableError,
+    TooLargeError,
+)
 from jetinfer.protocol import (
     HEADER_DLQ_DELIVERIES,
     HEADER_DLQ_MESSAGE,
@@ -265,7 +272,7 @@ class Settler:
                 ok=True,
             )
         except RequestError as exc:
-            await self.fail(request, exc, version=ran.version)
+            await self.fail(request, self._not_published(request, exc, ran.version), version=ran.version)
             return
         self._unconfirmed.append(_Sent(request, ran.version, mark))
         self._confirm_wanted.set()
@@ -283,8 +290,9 @@ class Settler:
                 ok=True,
             )
         except RequestError as exc:
-            refused = request.reply_to in self._refusals.since(mark)
-            await self.fail(request, self._refused(request) if refused else exc, version=ran.version)
+            refused = self._refusals.refused_since(mark, request.reply_to)
+            error = self._refused(request, ran.version) if refused else exc
+            await self.fail(request, self._not_published(request, error, ran.version), version=ran.version)
             return
         await self._act(request.msg, Settlement(AckAction.ACK), request=request, version=ran.version)
 
@@ -298,8 +306,9 @@ class Settler:
         self._durable.add(task)
         task.add_done_callback(self._durable.discard)
 
-    def _refused(self, request: PreparedRequest) -> ReplyRefusedError:
-        self._metrics.replies_refused.labels(model=self.model, version="", status="reply_refused").inc()
+    def _refused(self, request: PreparedRequest, version: str) -> ReplyRefusedError:
+        """The server refused a reply (no permission): counted and logged, once, with its subject."""
+        self._metrics.replies_refused.labels(model=self.model, version=version, status="reply_refused").inc()
         logger.warning(
             "model %s: the server refused the reply to %s for request %s (no permission to publish there); "
             "terminated and copied to the DLQ",
@@ -308,6 +317,19 @@ class Settler:
             request.request_id,
         )
         return ReplyRefusedError(f"the NATS server refused to deliver the reply to {request.reply_to}")
+
+    def _not_published(self, request: PreparedRequest, error: RequestError, version: str) -> RequestError:
+        """A reply too large for the server is counted and logged, once, with its subject."""
+        if isinstance(error, TooLargeError):
+            self._metrics.replies_refused.labels(model=self.model, version=version, status="too_large").inc()
+            logger.warning(
+                "model %s: the reply to %s for request %s is too large for the server (%s)",
+                self.model,
+                request.reply_to,
+                request.request_id,
+                error,
+            )
+        return error
 
     async def run_confirmations(self) -> None:
         """Confirm published inbox replies (a flush each round, for all of them), then ack them."""
@@ -331,10 +353,12 @@ class Settler:
                 for item in sent:
                     await self.fail(item.request, error, version=item.version)
                 return
-            refused = self._refusals.since(min(item.mark for item in sent))
             for item in sent:
-                if item.request.reply_to in refused:
-                    await self.fail(item.request, self._refused(item.request), version=item.version)
+                assert item.request.reply_to is not None, "only replies are confirmed"
+                if self._refusals.refused_since(item.mark, item.request.reply_to):
+                    await self.fail(
+                        item.request, self._refused(item.request, item.version), version=item.version
+                    )
                 else:
                     await self._act(
                         item.request.msg,
