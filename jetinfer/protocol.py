@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ import numpy.typing as npt
 from jetinfer.errors import InvalidInputError, TooLargeError
 
 __all__ = [
+    "BYTES",
     "CONTENT_TYPE_JPEG",
     "CONTENT_TYPE_MSGPACK",
     "CONTENT_TYPE_PNG",
@@ -94,6 +96,9 @@ DATATYPES: Final[Mapping[str, np.dtype[Any]]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+#: The Open Inference Protocol's variable-length datatype: one element per frame, each a 4-byte
+#: little-endian length and then its bytes (here: encoded images, several frames in one message).
+BYTES: Final = "BYTES"
 _NAME_OF_KIND: Final = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
 #: The exact dtypes that go on the wire as they are (native byte order equals little-endian here or not).
 _WIRE_NAME: Final[Mapping[np.dtype[Any], str]] = {dt: name for name, dt in DATATYPES.items()}
@@ -143,6 +148,21 @@ class Tensor:
         arr = np.ascontiguousarray(arr, dtype=DATATYPES[wire])
         return cls(name=name, datatype=wire, shape=tuple(int(d) for d in arr.shape), data=arr.tobytes())
 
+    @classmethod
+    def from_bytes(cls, name: str, elements: Sequence[bytes]) -> Tensor:
+        """A BYTES tensor of `elements` (shape [len(elements)]): length-prefixed, in order."""
+        parts = [part for element in elements for part in (struct.pack("<I", len(element)), bytes(element))]
+        return cls(name=name, datatype=BYTES, shape=(len(elements),), data=b"".join(parts))
+
+    def elements(self) -> list[bytes]:
+        """The elements of a BYTES tensor (validated by `from_wire`)."""
+        data, out, offset = bytes(self.data), [], 0
+        for _ in range(self.shape[0]):
+            (length,) = struct.unpack_from("<I", data, offset)
+            out.append(data[offset + 4 : offset + 4 + length])
+            offset += 4 + length
+        return out
+
     def to_numpy(self) -> npt.NDArray[Any]:
         """A read-only numpy view of the data (no copy). The tensor must have been validated."""
         return np.frombuffer(self.data, dtype=DATATYPES[self.datatype]).reshape(self.shape)
@@ -162,8 +182,10 @@ class Tensor:
         data = obj.get("data")
         if not isinstance(name, str) or not name or len(name) > 128:
             raise InvalidInputError(f"{where}.name must be a non-empty string of at most 128 characters")
-        if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise InvalidInputError(f"{where}.datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+        if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != BYTES):
+            raise InvalidInputError(
+                f"{where}.datatype {datatype!r} is not one of {sorted([*DATATYPES, BYTES])}"
+            )
         if not isinstance(shape, list) or not shape:
             raise InvalidInputError(f"{where}.shape must be a non-empty list of integers")
         if len(shape) > limits.max_ndim:
@@ -172,6 +194,9 @@ class Tensor:
             raise InvalidInputError(f"{where}.shape {shape!r} must hold non-negative integers")
         if not isinstance(data, bytes):
             raise InvalidInputError(f"{where}.data must be binary (msgpack bin), got {type(data).__name__}")
+        if datatype == BYTES:
+            _check_elements(data, shape, where)
+            return cls(name=name, datatype=datatype, shape=tuple(shape), data=data)
         expected = math.prod(shape) * DATATYPES[datatype].itemsize
         if expected > limits.max_bytes:
             raise TooLargeError(
@@ -186,6 +211,28 @@ class Tensor:
         if datatype == "BOOL" and data and np.frombuffer(data, dtype=np.uint8).max() > 1:
             raise InvalidInputError(f"{where}: BOOL data must hold only the bytes 0x00 and 0x01")
         return cls(name=name, datatype=datatype, shape=tuple(shape), data=data)
+
+
+def _check_elements(data: bytes, shape: list[int], where: str) -> None:
+    """A BYTES tensor's data holds exactly shape[0] length-prefixed elements, nothing more."""
+    if len(shape) != 1:
+        raise InvalidInputError(
+            f"{where}: a BYTES tensor has one dimension (one element per frame), not {shape}"
+        )
+    offset = 0
+    for index in range(shape[0]):
+        if offset + 4 > len(data):
+            raise InvalidInputError(f"{where}: BYTES data ends before element {index} of {shape[0]}")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4 + length
+        if offset > len(data):
+            raise InvalidInputError(
+                f"{where}: BYTES element {index} says {length} bytes, past the data's end"
+            )
+    if offset != len(data):
+        raise InvalidInputError(
+            f"{where}: BYTES data has {len(data) - offset} bytes after its {shape[0]} elements"
+        )
 
 
 @dataclass(frozen=True)
