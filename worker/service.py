@@ -62,8 +62,10 @@ class Worker:
         if not self.models:
             raise SettingsError(
                 "model",
-                f"no models found in {settings.repository}; give --model NAME (the worker then waits for its "
-                "first version) or export one with `jetinfer export-demo`",
+                f"no models found in {settings.repository}"
+                + ("" if settings.repository.is_dir() else " (the folder does not exist)")
+                + "; give --model NAME (the worker then waits for its first version) or export one with "
+                "`jetinfer export-demo`",
             )
         self.slots = {
             m: ModelSlot(
@@ -119,30 +121,42 @@ class Worker:
         self._js = self._nc.jetstream()
         await ensure_streams(self._js, self.settings)
         for model in self.models:
-            await register_model(self._js, model, self.settings)
-            await ensure_consumer(self._js, model, self.settings)
             self._subscriptions.append(
                 await self._nc.subscribe(reload_subject(model), cb=self._on_reload_signal)
             )
         self.dead_letters = DeadLetters(self._nc, self._js, self.models, self.settings)
         await self.dead_letters.start()
+        if not self.settings.repository.is_dir():
+            logger.warning(
+                "repository folder %s does not exist (yet): waiting for it (a sidecar may create it)",
+                self.settings.repository,
+            )
         for model in self.models:
-            result = await self.slots[model].refresh()
-            if result.status == "refused" or not self.slots[model].ready:
-                logger.warning(
-                    "model %s: no servable version yet (%s); waiting for one", model, result.message
-                )
+            await self.slots[model].refresh()
             await self._ensure_serving(model)
+            if model not in self.servers:
+                # Registered only once loadable: until then clients get unknown_model at once.
+                logger.warning(
+                    "model %s: waiting for a loadable version in %s before registering %s (requests get "
+                    "unknown_model until then); looking again on its reload signal%s",
+                    model,
+                    self.settings.repository / model,
+                    infer_subject(model),
+                    f" and every {self.settings.reload_poll_s:g} s" if self.settings.reload_poll_s else "",
+                )
         if self.settings.reload_poll_s > 0:
             self._background.append(asyncio.create_task(self._poll_repository(), name="reload-poll"))
         self._background.append(asyncio.create_task(self._poll_lag(), name="lag-poll"))
 
     async def _ensure_serving(self, model: str) -> None:
+        """Register `model` (its subject and consumer) and serve it, once a version of it is loaded."""
         async with self._start_lock:
             if model in self.servers or not self.slots[model].ready or self._stopped:
                 return
             assert self._nc is not None
             assert self._js is not None
+            await register_model(self._js, model, self.settings)
+            await ensure_consumer(self._js, model, self.settings)
             server = ModelServer(
                 model=model,
                 nc=self._nc,
@@ -202,7 +216,7 @@ class Worker:
     async def update_lag(self) -> None:
         """Read consumer lag (num_pending + num_ack_pending) and the oldest request's age from the server."""
         assert self._js is not None
-        for model in self.models:
+        for model in list(self.servers):  # a model is registered (has a consumer) once it serves
             info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
             lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
             self.metrics.consumer_lag.labels(model=model).set(lag)
@@ -223,7 +237,7 @@ class Worker:
         if self.dead_letters is None or self._stopped:
             return 0
         buried = 0
-        for model in self.models:
+        for model in list(self.servers):
             try:
                 buried += await self.dead_letters.sweep(model)
             except Exception as exc:
