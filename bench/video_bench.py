@@ -32,6 +32,7 @@ WORKER_ARGS = ["--parallel-batches=2"]
 
 __all__ = ["main", "make_clip", "served", "video_command", "wait_for_answers"]
 
+
 def make_clip(path: Path, frames: int) -> None:
     """An MJPG video, 224×224, of scikit-image's cat photo panning."""
     import cv2
