@@ -41,6 +41,7 @@ from jetinfer.streams import (
 from .advisories import DeadLetters
 from .backends import cuda
 from .health import HealthServer
+from .limits import warn_about_server_limits
 from .metrics import GpuProbe, WorkerMetrics
 from .pipeline import ModelServer
 from .reload import ModelSlot
@@ -119,6 +120,7 @@ class Worker:
             reconnected_cb=self._on_reconnect,
         )
         self._js = self._nc.jetstream()
+        warn_about_server_limits(self._nc.max_payload, self.settings)
         await ensure_streams(self._js, self.settings)
         for model in self.models:
             self._subscriptions.append(
