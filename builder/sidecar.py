@@ -323,12 +323,13 @@ class Sidecar:
     def _refuse(self, result: PollResult, candidate: _Candidate, reason: str) -> None:
         key = (candidate.model, candidate.version)
         self._refused[key] = candidate.snapshot
-        logger.warning("sidecar: refusing %s v%d: %s", candidate.model, candidate.version, reason)
         self._print(f"refused {candidate.model} v{candidate.version}: {reason}")
         result.refused.append(Refused(candidate.model, candidate.version, reason))
 
     def _print(self, line: str) -> None:
+        """Say one event, once: a line on the output (the log repeats it only at DEBUG)."""
         print(f"sidecar: {line}", file=self._out, flush=True)
+        logger.debug("sidecar: %s", line)
 
     async def _take(self, candidate: _Candidate, result: PollResult) -> Published | None:
         key = (candidate.model, candidate.version)
@@ -368,14 +369,6 @@ class Sidecar:
                 )
             return None
         self._failures.pop(key, None)
-        size = copied.model_file.stat().st_size
-        logger.info(
-            "sidecar: published %s v%d (%d bytes) at %s",
-            candidate.model,
-            candidate.version,
-            size,
-            copied.path,
-        )
         self._print(
             f"published {candidate.model} v{candidate.version} ({copied.manifest.backend}) -> {copied.path}"
         )
@@ -432,15 +425,10 @@ class Sidecar:
                     break
                 except Exception as exc:  # nats-py raises several unrelated types here
                     if attempt == self.settings.retries:
-                        logger.error(
-                            "sidecar: reload signal for %s v%d not sent after %d attempts: %s "
-                            "(workers still find the version by polling the repository)",
-                            model,
-                            version,
-                            attempt,
-                            exc,
+                        self._print(
+                            f"{model} v{version}: reload signal not sent after {attempt} attempts: {exc} "
+                            "(workers still find the version by polling the repository)"
                         )
-                        self._print(f"{model} v{version}: reload signal not sent: {exc}")
                         return answers
                     logger.warning("sidecar: publishing %s failed (attempt %d): %s", subject, attempt, exc)
                     await self._sleep(delay)
@@ -460,16 +448,6 @@ class Sidecar:
                     )
                     continue
                 answers.append(answer)
-                log = logger.warning if answer.status == "refused" else logger.info
-                log(
-                    "sidecar: %s v%d: worker %s %s v%s: %s",
-                    model,
-                    version,
-                    answer.worker,
-                    answer.status,
-                    answer.version,
-                    answer.message,
-                )
                 suffix = f": {answer.message}" if answer.message else ""
                 self._print(
                     f"{model} v{version}: worker {answer.worker} {answer.status} v{answer.version}{suffix}"
@@ -477,14 +455,10 @@ class Sidecar:
         finally:
             await logged(logger, "sidecar: unsubscribing from the workers' answers", sub.unsubscribe())
         if not answers:
-            logger.warning(
-                "sidecar: no worker answered the reload signal for %s v%d within %.1f s "
-                "(workers also poll the repository)",
-                model,
-                version,
-                self.settings.answer_wait_s,
+            self._print(
+                f"{model} v{version}: no worker answered the reload signal within "
+                f"{self.settings.answer_wait_s:g} s (workers also poll the repository)"
             )
-            self._print(f"{model} v{version}: no worker answered within {self.settings.answer_wait_s:g} s")
         return answers
 
     # -- main loop ---------------------------------------------------------------------------------
