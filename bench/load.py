@@ -38,7 +38,9 @@ from jetinfer.errors import SettingsError
 from jetinfer.producer.client import Client, Payload
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
-from jetinfer.settings import ConnectionSettings, require
+from jetinfer.settings import ConnectionSettings, add_arguments, load_settings
+
+from .settings import BenchSettings
 
 __all__ = [
     "BenchPoint",
@@ -228,24 +230,37 @@ async def open_loop(
 
 
 def _client_process(
-    url: str,
+    connection: ConnectionSettings,
     model: str,
     payload: Payload,
     concurrency: int,
     rate: float | None,
     duration_s: float,
     input_name: str,
+    timeout_s: float,
 ) -> tuple[list[float], dict[str, int], float]:
     """One load-generating process of `--clients N` (runs its own event loop and connection)."""
 
     async def main() -> tuple[list[float], Counter[str], float]:
-        async with Client(settings=ConnectionSettings(nats_url=url)) as client:
+        async with Client(settings=connection) as client:
             if rate:
                 return await open_loop(
-                    client, model, payload, rate=rate, duration_s=duration_s, input_name=input_name
+                    client,
+                    model,
+                    payload,
+                    rate=rate,
+                    duration_s=duration_s,
+                    input_name=input_name,
+                    timeout_s=timeout_s,
                 )
             return await closed_loop(
-                client, model, payload, concurrency=concurrency, duration_s=duration_s, input_name=input_name
+                client,
+                model,
+                payload,
+                concurrency=concurrency,
+                duration_s=duration_s,
+                input_name=input_name,
+                timeout_s=timeout_s,
             )
 
     latencies, errors, elapsed = asyncio.run(main())
@@ -253,25 +268,26 @@ def _client_process(
 
 
 async def _multi_process_level(
-    args: argparse.Namespace, url: str, payload: Payload, level: float
+    settings: BenchSettings, connection: ConnectionSettings, payload: Payload, level: float
 ) -> tuple[list[float], Counter[str], float]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    clients = args.clients
+    clients = settings.clients
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=clients, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
             loop.run_in_executor(
                 pool,
                 _client_process,
-                url,
-                args.model,
+                connection,
+                settings.model,
                 payload,
                 max(1, int(level) // clients),
-                level / clients if args.rate else None,
-                args.duration_s,
-                args.input_name,
+                level / clients if settings.rate else None,
+                settings.duration_s,
+                settings.input_name,
+                settings.timeout_s,
             )
             for _ in range(clients)
         ]
@@ -320,16 +336,16 @@ def _cat_jpeg(size: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Payload, int]:
+def make_payload(settings: BenchSettings, repository: Path | None) -> tuple[Payload, int]:
     """(payload, frames per request) for the chosen kind."""
-    if args.payload == "jpeg":
-        return (args.image.read_bytes() if args.image else _cat_jpeg(args.image_size)), 1
+    if settings.payload == "jpeg":
+        return (settings.image.read_bytes() if settings.image else _cat_jpeg(settings.image_size)), 1
     shape: list[int] | None = None
     datatype = "FP32"
-    if args.shape:
-        shape = [int(s) for s in args.shape.split(",")]
+    if settings.shape:
+        shape = [int(s) for s in settings.shape.split(",")]
     elif repository is not None:
-        spec = ModelRepository(repository).config(args.model).inputs[0]
+        spec = ModelRepository(repository).config(settings.model).inputs[0]
         shape = [d if d > 0 else 256 for d in spec.shape]
         datatype = spec.datatype
     if shape is None:
@@ -337,8 +353,8 @@ def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Pay
             "shape", "give --shape (per frame) or --repository to read the model's input shape"
         )
     rng = np.random.default_rng(0)
-    array: npt.NDArray[Any] = rng.standard_normal((args.frames, *shape)).astype(DATATYPES[datatype])
-    return array, args.frames
+    array: npt.NDArray[Any] = rng.standard_normal((settings.frames, *shape)).astype(DATATYPES[datatype])
+    return array, settings.frames
 
 
 def _engine_only(repository: Path, model: str, batches: list[int], duration_s: float) -> list[dict[str, Any]]:
@@ -487,56 +503,63 @@ def _scrape_all(urls: Sequence[str]) -> dict[str, float]:
 
 
 async def _run_levels(
-    args: argparse.Namespace, url: str, metrics_urls: Sequence[str], payload: Payload, frames: int, mode: str
+    settings: BenchSettings,
+    connection: ConnectionSettings,
+    metrics_urls: Sequence[str],
+    payload: Payload,
+    frames: int,
+    mode: str,
 ) -> list[BenchPoint]:
     from tqdm import tqdm
 
     points = []
-    settings = ConnectionSettings(nats_url=url)
-    levels = args.rate if args.rate else args.concurrency
-    async with Client(settings=settings) as client:
+    levels = settings.levels
+    async with Client(settings=connection) as client:
         # Warm up: the first requests pay for connections, caches and the engine's first batches.
         await closed_loop(
             client,
-            args.model,
+            settings.model,
             payload,
-            concurrency=max(1, min(args.concurrency)),  # open-loop levels are rates, not users
-            duration_s=args.warmup_s,
-            input_name=args.input_name,
+            concurrency=max(1, min(settings.concurrency)),  # open-loop levels are rates, not users
+            duration_s=settings.warmup_s,
+            input_name=settings.input_name,
+            timeout_s=settings.timeout_s,
         )
         for level in levels:
             before = _scrape_all(metrics_urls) if metrics_urls else None
             progress = tqdm(
-                desc=f"{mode} {'rate' if args.rate else 'concurrency'} {level:g}",
+                desc=f"{mode} {'rate' if settings.rate else 'concurrency'} {level:g}",
                 unit="req",
                 leave=False,
                 file=sys.stderr,
-                disable=args.no_progress,
+                disable=None if settings.progress else True,
             )
             timings: dict[str, list[float]] = {}
-            if args.clients > 1:
-                lat, errors, elapsed = await _multi_process_level(args, url, payload, level)
-            elif args.rate:
+            if settings.clients > 1:
+                lat, errors, elapsed = await _multi_process_level(settings, connection, payload, level)
+            elif settings.rate:
                 lat, errors, elapsed = await open_loop(
                     client,
-                    args.model,
+                    settings.model,
                     payload,
                     rate=level,
-                    duration_s=args.duration_s,
+                    duration_s=settings.duration_s,
                     progress=progress,
-                    input_name=args.input_name,
+                    input_name=settings.input_name,
                     timings=timings,
+                    timeout_s=settings.timeout_s,
                 )
             else:
                 lat, errors, elapsed = await closed_loop(
                     client,
-                    args.model,
+                    settings.model,
                     payload,
                     concurrency=int(level),
-                    duration_s=args.duration_s,
+                    duration_s=settings.duration_s,
                     progress=progress,
-                    input_name=args.input_name,
+                    input_name=settings.input_name,
                     timings=timings,
+                    timeout_s=settings.timeout_s,
                 )
             progress.close()
             point = BenchPoint(
@@ -650,46 +673,49 @@ def _plot(points: list[BenchPoint], path: Path) -> None:
     plt.close(figure)
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run every requested measurement; returns the report."""
-    repository: Path | None = args.repository
-    if args.embedded and repository is None:
+    repository: Path | None = settings.repository
+    if settings.embedded and repository is None:
         repository = default_model_cache()
-        if args.model == DEMO_MODEL:
+        if settings.model == DEMO_MODEL:
             await asyncio.to_thread(ensure_demo_model, repository)
-    payload, frames = make_payload(args, repository)
+    payload, frames = make_payload(settings, repository)
     points: list[BenchPoint] = []
     engine: list[dict[str, Any]] = []
-    if args.engine_only and repository is None:
+    if settings.engine_only and repository is None:
         raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
-    for number in range(1, args.rounds + 1):
-        if args.embedded:
+    for number in range(1, settings.rounds + 1):
+        if settings.embedded:
             assert repository is not None
-            modes = ["worker", "bare"] if args.bare else ["worker"]
+            modes = ["worker", "bare"] if settings.bare else ["worker"]
             for mode in modes:
                 async with embedded_stack(
                     repository,
-                    args.model,
+                    settings.model,
                     bare=mode == "bare",
-                    worker_args=args.worker_arg or [],
-                    workers=args.workers,
-                    devices=[int(d) for d in args.devices.split(",")] if args.devices else [],
+                    worker_args=settings.worker_arg or [],
+                    workers=settings.workers,
+                    devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
                 ) as (url, metrics_urls):
-                    measured = await _run_levels(args, url, metrics_urls, payload, frames, mode)
+                    embedded = ConnectionSettings(nats_url=url)
+                    measured = await _run_levels(settings, embedded, metrics_urls, payload, frames, mode)
                     points += [dataclasses.replace(p, round=number) for p in measured]
         else:
-            urls = [args.metrics_url] if args.metrics_url else []
-            measured = await _run_levels(args, args.nats_url, urls, payload, frames, "worker")
+            urls = [settings.metrics_url] if settings.metrics_url else []
+            measured = await _run_levels(settings, settings, urls, payload, frames, "worker")
             points += [dataclasses.replace(p, round=number) for p in measured]
-        if args.engine_only:
+        if settings.engine_only:
             assert repository is not None
-            config = ModelRepository(repository).config(args.model)
-            batches = args.engine_batch or sorted({1, config.max_batch})
-            rows = await asyncio.to_thread(_engine_only, repository, args.model, batches, args.duration_s)
+            config = ModelRepository(repository).config(settings.model)
+            batches = settings.engine_batch or sorted({1, config.max_batch})
+            rows = await asyncio.to_thread(
+                _engine_only, repository, settings.model, batches, settings.duration_s
+            )
             engine += [{**row, "round": number} for row in rows]
     report = {
-        "model": args.model,
-        "payload": args.payload,
+        "model": settings.model,
+        "payload": settings.payload,
         "frames_per_request": frames,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d"),
@@ -697,8 +723,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "engine_only": engine,
         "table": _table(points, engine),
     }
-    if args.plot:
-        _plot(points, args.plot)
+    if settings.plot:
+        _plot(points, settings.plot)
     return report
 
 
@@ -710,119 +736,18 @@ def register(subparsers: Any) -> None:
         description="Measure end-to-end throughput and latency through NATS. With --embedded, starts a "
         "nats-server and a worker (and with --bare the bare nats-py loop) as subprocesses.",
     )
-    target = parser.add_argument_group("target")
-    target.add_argument(
-        "--nats-url",
-        default=os.environ.get("JETINFER_NATS_URL", "nats://127.0.0.1:4222"),
-        help="NATS server of a running worker (env JETINFER_NATS_URL)",
-    )
-    target.add_argument("--metrics-url", default=None, help="a running worker's /metrics, for batch sizes")
-    target.add_argument("--embedded", action="store_true", help="start nats-server and the worker here")
-    target.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="with --embedded: worker processes sharing the consumer (and the GPU)",
-    )
-    target.add_argument(
-        "--devices",
-        default=None,
-        help="with --embedded: GPU indices for the workers, e.g. 0,1 (worker i gets devices[i %% n])",
-    )
-    target.add_argument(
-        "--repository",
-        type=Path,
-        default=None,
-        help="model repository (with --embedded; default: the demo cache)",
-    )
-    target.add_argument("--model", default="efficientnet_lite0", help="model to load")
-    target.add_argument(
-        "--worker-arg",
-        action="append",
-        default=None,
-        metavar="ARG",
-        help="extra `jetinfer serve` argument for the embedded worker, e.g. --worker-arg=--max-wait-ms=2",
-    )
-    load = parser.add_argument_group("load")
-    load.add_argument(
-        "--concurrency",
-        type=int,
-        nargs="+",
-        default=[32],
-        help="closed loop: requests in flight; several values sweep",
-    )
-    load.add_argument(
-        "--rate",
-        type=float,
-        nargs="+",
-        default=None,
-        help="open loop: requests per second (instead of --concurrency); several values sweep",
-    )
-    load.add_argument("--duration-s", type=float, default=10.0, help="seconds per load level")
-    load.add_argument(
-        "--clients",
-        type=int,
-        default=1,
-        help="load-generating processes sharing the concurrency or rate (one Python process "
-        "tops out at a few thousand requests/s)",
-    )
-    load.add_argument("--warmup-s", type=float, default=2.0, help="seconds of warm-up before measuring")
-    load.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="repeat the worker, --bare and --engine-only measurements this many times, alternating, and "
-        "report each round's ratios and their median (shared machines drift between measurements)",
-    )
-    payload = parser.add_argument_group("payload")
-    payload.add_argument(
-        "--payload", choices=["jpeg", "tensor"], default="jpeg", help="what each request carries"
-    )
-    payload.add_argument("--image", type=Path, default=None, help="JPEG to send (default: the cat photo)")
-    payload.add_argument(
-        "--image-size", type=int, default=224, help="resize the default photo to this square"
-    )
-    payload.add_argument("--frames", type=int, default=1, help="tensor payloads: frames per message")
-    payload.add_argument("--shape", default=None, help="tensor payloads: per-frame shape, e.g. 3,224,224")
-    payload.add_argument("--input-name", default="input", help="tensor payloads: input name")
-    baselines = parser.add_argument_group("baselines")
-    baselines.add_argument("--engine-only", action="store_true", help="also time the model called directly")
-    baselines.add_argument(
-        "--engine-batch",
-        type=int,
-        action="append",
-        default=None,
-        help="batch sizes for --engine-only (default 1 and max_batch)",
-    )
-    baselines.add_argument(
-        "--bare",
-        action="store_true",
-        help="with --embedded: also run the bare fetch/ack/reply loop in place of the worker",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--json", type=Path, default=None, help="write the report as JSON here ('-' for stdout)"
-    )
-    output.add_argument("--plot", type=Path, default=None, help="write latency against throughput as a PNG")
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(parser, BenchSettings)
     parser.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    require(args.duration_s > 0, "duration_s", "must be above 0")
-    require(all(c >= 1 for c in args.concurrency), "concurrency", "must be at least 1")
-    require(args.rate is None or all(r > 0 for r in args.rate), "rate", "must be above 0")
-    require(args.frames >= 1, "frames", "must be at least 1")
-    require(args.clients >= 1, "clients", "must be at least 1")
-    require(args.workers >= 1, "workers", "must be at least 1")
-    require(args.rounds >= 1, "rounds", "must be at least 1")
-    require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
-    report = asyncio.run(run_bench(args))
-    if args.json is not None:
+    settings = load_settings(BenchSettings, args)
+    report = asyncio.run(run_bench(settings))
+    if settings.json is not None:
         text = json.dumps(report, indent=2, default=str)
-        if str(args.json) == "-":
+        if str(settings.json) == "-":
             print(text)
         else:
-            args.json.write_text(text)
+            settings.json.write_text(text)
     print(report["table"])
     return 0

@@ -14,8 +14,8 @@ from jetinfer.errors import RequestError
 from jetinfer.labels import imagenet_labels, top_k
 from jetinfer.settings import add_arguments, load_settings
 
+from .cli_settings import InferSettings, VideoSettings
 from .client import Client
-from .settings import ProducerSettings
 
 __all__ = ["register"]
 
@@ -30,22 +30,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="model name, e.g. efficientnet_lite0")
     parser.add_argument("files", metavar="FILE", nargs="+", type=Path, help="images or .npy tensors")
-    parser.add_argument("--top-k", type=int, default=5, help="labels to print per image")
-    parser.add_argument("--input-name", default="input", help="input tensor name for .npy files")
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        default=None,
-        help="label file (one per line); default: ImageNet labels for 1000-class outputs",
-    )
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        default=None,
-        help="write every output as FILE.OUTPUT.npy here (default: only for non-classifiers, "
-        "next to the input)",
-    )
-    add_arguments(parser, ProducerSettings)
+    add_arguments(parser, InferSettings)
     parser.set_defaults(handler=_infer_command)
 
     video = subparsers.add_parser(
@@ -57,35 +42,26 @@ def register(subparsers: Any) -> None:
         "again.",
     )
     video.add_argument("input", metavar="INPUT", type=Path, help="video file (OpenCV) or folder of .jpg/.png")
-    video.add_argument("--model", required=True, help="model name, e.g. efficientnet_lite0")
-    video.add_argument("--out", type=Path, required=True, help="JSON-lines file to write, one line per frame")
-    video.add_argument("--job", default=None, help="job id (default: derived from input, model and sampling)")
-    video.add_argument("--every-n", type=int, default=1, help="keep every n-th frame")
-    video.add_argument("--fps", type=float, default=None, help="keep at most this many frames per second")
-    video.add_argument("--in-flight", type=int, default=64, help="frames sent and not yet answered, at most")
-    video.add_argument("--top-k", type=int, default=5, help="labels per frame for classifier outputs")
-    video.add_argument(
-        "--labels", type=Path, default=None, help="label file (default: ImageNet for 1000 classes)"
-    )
-    video.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_arguments(video, ProducerSettings)
+    add_arguments(video, VideoSettings, skip=frozenset({"concurrency"}))
     video.set_defaults(handler=_video_command)
 
 
 def _infer_command(args: argparse.Namespace) -> int:
-    settings = load_settings(ProducerSettings, args)
+    settings = load_settings(InferSettings, args)
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         print(f"jetinfer infer: error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    labels = tuple(args.labels.read_text().splitlines()) if args.labels else None
+    labels = tuple(settings.labels.read_text().splitlines()) if settings.labels else None
     return asyncio.run(
-        _infer(settings, args.model, args.files, args.top_k, args.input_name, labels, args.out_dir)
+        _infer(
+            settings, args.model, args.files, settings.top_k, settings.input_name, labels, settings.out_dir
+        )
     )
 
 
 async def _infer(
-    settings: ProducerSettings,
+    settings: InferSettings,
     model: str,
     files: list[Path],
     k: int,
@@ -134,55 +110,58 @@ async def _infer(
 def _video_command(args: argparse.Namespace) -> int:
     from .video import default_job_id
 
-    settings = load_settings(ProducerSettings, args)
+    settings = load_settings(VideoSettings, args)
     if not args.input.exists():
         print(f"jetinfer video: error: no such file or folder: {args.input}", file=sys.stderr)
         return 2
-    if args.every_n < 1 or (args.fps is not None and args.fps <= 0) or args.in_flight < 1:
-        print("jetinfer video: error: --every-n and --in-flight must be >= 1, --fps above 0", file=sys.stderr)
-        return 2
-    job = args.job or default_job_id(args.input, args.model, args.every_n, args.fps)
-    labels = tuple(args.labels.read_text().splitlines()) if args.labels else imagenet_labels()
-    return asyncio.run(_video(settings, args, job, labels))
+    assert settings.model is not None
+    job = settings.job or default_job_id(args.input, settings.model, settings.every_n, settings.fps)
+    labels = tuple(settings.labels.read_text().splitlines()) if settings.labels else imagenet_labels()
+    return asyncio.run(_video(settings, args.input, job, labels))
 
 
-async def _video(
-    settings: ProducerSettings, args: argparse.Namespace, job: str, labels: tuple[str, ...]
-) -> int:
+async def _video(settings: VideoSettings, source: Path, job: str, labels: tuple[str, ...]) -> int:
     import time
 
     from tqdm import tqdm
 
     from .video import read_frames, result_line, video_job
 
-    frames = list(read_frames(args.input, every_n=args.every_n, fps=args.fps))
+    frames = list(read_frames(source, every_n=settings.every_n, fps=settings.fps))
     started = time.perf_counter()
     errors = resumed = 0
     progress = tqdm(
-        total=len(frames), desc=f"job {job}", unit="frame", file=sys.stderr, disable=args.no_progress
+        total=len(frames),
+        desc=f"job {job}",
+        unit="frame",
+        file=sys.stderr,
+        disable=None if settings.progress else True,
     )
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    assert settings.model is not None
+    assert settings.out is not None
+    out = settings.out
+    tmp = out.with_name(f".{out.name}.tmp")
     lines: list[str] = []
     async with Client(settings=settings) as client:
         async for result in video_job(
             client,
-            args.model,
+            settings.model,
             frames,
             job=job,
-            in_flight=args.in_flight,
+            in_flight=settings.in_flight,
             stall_timeout_s=settings.timeout_s,
         ):
-            lines.append(result_line(result, labels, args.top_k) + "\n")
+            lines.append(result_line(result, labels, settings.top_k) + "\n")
             errors += result.error is not None
             resumed += result.resumed
             progress.update()
     progress.close()
     await asyncio.to_thread(tmp.write_text, "".join(lines), encoding="utf-8")
-    tmp.replace(args.out)
+    tmp.replace(out)
     elapsed = time.perf_counter() - started
     sent = len(frames) - resumed
     print(
         f"job {job}: {len(frames)} frames ({resumed} answered in an earlier run, {sent} sent now), "
-        f"{errors} errors, {sent / elapsed if elapsed else 0:.1f} frames/s, {elapsed:.1f} s -> {args.out}"
+        f"{errors} errors, {sent / elapsed if elapsed else 0:.1f} frames/s, {elapsed:.1f} s -> {out}"
     )
     return 1 if errors else 0
