@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from jetinfer.errors import RequestError
+from jetinfer.errors import RequestError, RequestTimeoutError
 from jetinfer.labels import imagenet_labels, top_k
 from jetinfer.settings import add_arguments, load_settings
 
 from .cli_settings import InferSettings, VideoSettings
 from .client import Client
+from .files import check_request_file
 
 __all__ = ["register"]
 
@@ -27,6 +28,10 @@ def register(subparsers: Any) -> None:
         help="send images or .npy tensors to a model and print the results",
         description="Send each FILE (.jpg/.jpeg/.png as an image, .npy as a tensor) to MODEL. Classifier "
         "outputs (1000 classes) print the top-5 ImageNet labels; other outputs are written as .npy files.",
+        epilog="Exit status: 0 every file answered; 1 a request failed (an error reply, or no reply within "
+        "--timeout-s), one line on stderr per failed file: `jetinfer infer: FILE: error CODE: message` "
+        "(CODE is the wire code, or timeout); 2 bad usage or setup (a setting, a missing, empty or "
+        "non-image file, NATS unreachable), before anything is sent.",
     )
     parser.add_argument("model", metavar="MODEL", help="model name, e.g. efficientnet_lite0")
     parser.add_argument("files", metavar="FILE", nargs="+", type=Path, help="images or .npy tensors")
@@ -52,6 +57,8 @@ def _infer_command(args: argparse.Namespace) -> int:
     if missing:
         print(f"jetinfer infer: error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    for path in args.files:  # every file is looked at before the first one is sent
+        check_request_file(path)
     labels = tuple(settings.labels.read_text().splitlines()) if settings.labels else None
     return asyncio.run(
         _infer(
@@ -79,13 +86,14 @@ async def _infer(
                     return path, await client.infer(
                         model, path, timeout=settings.timeout_s, input_name=input_name
                     )
-                except RequestError as exc:
+                except (RequestError, RequestTimeoutError) as exc:
                     return path, exc
 
         for path, result in await asyncio.gather(*(one(f) for f in files)):
             if isinstance(result, Exception):
                 failures += 1
-                print(f"{path}: error {getattr(result, 'code', type(result).__name__)}: {result}")
+                code = result.code if isinstance(result, RequestError) else "timeout"
+                print(f"jetinfer infer: {path}: error {code}: {result}", file=sys.stderr)
                 continue
             output = result.outputs[0].to_numpy()
             print(

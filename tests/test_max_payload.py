@@ -63,6 +63,7 @@ def test_infer_cli_names_max_payload(small_nats: EmbeddedNatsServer, tmp_path: P
     tensor = tmp_path / "frames.npy"
     np.save(tensor, two_fp32_frames())
     result = run_cli("infer", "--nats-url", small_nats.url, "identity", str(tensor), timeout=60)
-    assert result.returncode != 0
-    assert "raise max_payload" in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"jetinfer infer: {tensor}: error too_large: " in result.stderr
+    assert "raise max_payload" in result.stderr
     assert "Traceback" not in result.stderr

@@ -46,17 +46,25 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Worker(settings) as worker:
-            logger.info(
-                "worker %s serving %s; metrics on port %s",
-                settings.worker_id,
-                ", ".join(worker.models),
-                worker.health_port,
-            )
+            logger.info("worker %s %s", settings.worker_id, _start_line(worker))
             await stop.wait()
             logger.info("stopping: finishing the batches in flight (grace %.0f s)", settings.grace_period_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _start_line(worker: Worker) -> str:
+    """What a started worker serves (with versions), what it waits for, and where its metrics are."""
+    serving = [
+        f"{m} v{worker.slots[m].describe().get('version')}" for m in worker.models if m in worker.servers
+    ]
+    waiting = [m for m in worker.models if m not in worker.servers]
+    said = f"serving {', '.join(serving)}" if serving else "serving nothing yet"
+    if waiting:
+        said += f"; waiting for a version of {', '.join(waiting)}"
+    port = worker.health_port
+    return said + (f"; metrics on port {port}" if port else "; metrics off (--metrics-port 0)")
 
 
 def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:
