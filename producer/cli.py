@@ -1,4 +1,5 @@
-"""`jetinfer infer`: classify images (top-5 labels) or run tensors (.npy) through a served model."""
+"""The producer commands: `jetinfer infer` (images or .npy tensors through a served model, top-5 labels
+or outputs) here, and `jetinfer video` (`producer.video_cli`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from jetinfer.errors import RequestError, RequestTimeoutError
 from jetinfer.labels import imagenet_labels, top_k
 from jetinfer.settings import add_arguments, load_settings
 
-from .cli_settings import InferSettings, VideoSettings
+from .cli_settings import InferSettings
 from .client import Client
 from .files import check_request_file
+from .video_cli import register_video
 
 __all__ = ["register"]
 
@@ -38,17 +40,7 @@ def register(subparsers: Any) -> None:
     add_arguments(parser, InferSettings)
     parser.set_defaults(handler=_infer_command)
 
-    video = subparsers.add_parser(
-        "video",
-        help="run every sampled frame of a video (or a folder of images) through a model, in order",
-        description="Publish sampled frames as one job with durable replies on RESULTS (results.<job>), "
-        "collect them in frame order and write one JSON line per frame, then a summary. Re-running the same "
-        "job (same input, model and sampling, or the same --job) resumes: answered frames are not sent "
-        "again.",
-    )
-    video.add_argument("input", metavar="INPUT", type=Path, help="video file (OpenCV) or folder of .jpg/.png")
-    add_arguments(video, VideoSettings, skip=frozenset({"concurrency"}))
-    video.set_defaults(handler=_video_command)
+    register_video(subparsers)
 
 
 def _infer_command(args: argparse.Namespace) -> int:
@@ -113,63 +105,3 @@ async def _infer(
                     np.save(destination, tensor.to_numpy(), allow_pickle=False)
                     print(f"  wrote {destination} {tensor.datatype}{list(tensor.shape)}")
     return 1 if failures else 0
-
-
-def _video_command(args: argparse.Namespace) -> int:
-    from .video import default_job_id
-
-    settings = load_settings(VideoSettings, args)
-    if not args.input.exists():
-        print(f"jetinfer video: error: no such file or folder: {args.input}", file=sys.stderr)
-        return 2
-    assert settings.model is not None
-    job = settings.job or default_job_id(args.input, settings.model, settings.every_n, settings.fps)
-    labels = tuple(settings.labels.read_text().splitlines()) if settings.labels else imagenet_labels()
-    return asyncio.run(_video(settings, args.input, job, labels))
-
-
-async def _video(settings: VideoSettings, source: Path, job: str, labels: tuple[str, ...]) -> int:
-    import time
-
-    from tqdm import tqdm
-
-    from .video import read_frames, result_line, video_job
-
-    frames = list(read_frames(source, every_n=settings.every_n, fps=settings.fps))
-    started = time.perf_counter()
-    errors = resumed = 0
-    progress = tqdm(
-        total=len(frames),
-        desc=f"job {job}",
-        unit="frame",
-        file=sys.stderr,
-        disable=None if settings.progress else True,
-    )
-    assert settings.model is not None
-    assert settings.out is not None
-    out = settings.out
-    tmp = out.with_name(f".{out.name}.tmp")
-    lines: list[str] = []
-    async with Client(settings=settings) as client:
-        async for result in video_job(
-            client,
-            settings.model,
-            frames,
-            job=job,
-            in_flight=settings.in_flight,
-            stall_timeout_s=settings.timeout_s,
-        ):
-            lines.append(result_line(result, labels, settings.top_k) + "\n")
-            errors += result.error is not None
-            resumed += result.resumed
-            progress.update()
-    progress.close()
-    await asyncio.to_thread(tmp.write_text, "".join(lines), encoding="utf-8")
-    tmp.replace(out)
-    elapsed = time.perf_counter() - started
-    sent = len(frames) - resumed
-    print(
-        f"job {job}: {len(frames)} frames ({resumed} answered in an earlier run, {sent} sent now), "
-        f"{errors} errors, {sent / elapsed if elapsed else 0:.1f} frames/s, {elapsed:.1f} s -> {out}"
-    )
-    return 1 if errors else 0

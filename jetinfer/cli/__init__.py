@@ -22,7 +22,7 @@ from typing import Final
 from jetinfer.errors import JetinferError
 from jetinfer.settings import add_arguments, load_settings, require, setting
 
-__all__ = ["COMMAND_MODULES", "QUIET_COMMANDS", "CliSettings", "build_parser", "main"]
+__all__ = ["COMMAND_MODULES", "CliSettings", "QUIET_COMMANDS", "build_parser", "main"]
 
 #: Commands whose output is the point: their logs start at WARNING unless asked otherwise.
 QUIET_COMMANDS: Final = frozenset({"demo", "infer", "video", "bench", "engine-bench", "models"})
