@@ -5,6 +5,12 @@ payloads with several frames per message. Reports throughput, p50/p90/p99/max la
 sizes the worker formed (scraped from its /metrics) and errors by code. With `--embedded` it starts
 a nats-server and the worker (or the bare nats-py loop, `--bare`) as subprocesses; `--engine-only`
 times the same model called directly, so the ratios come from one run on one machine.
+
+A run fails fast when its first request does (a model nobody serves, a payload it refuses; exit 2),
+and exits 1, after the table, naming each load level where every request failed or more than
+`--max-error-ratio` did. The embedded nats-server, workers and engine-bench run in process groups of
+their own that die with the bench, even on `kill -9` (`jetinfer.children`), and take the server's
+temporary store with them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from jetinfer.children import forget, spawn
 from jetinfer.demo_models import DEMO_MODEL, default_model_cache, ensure_demo_model
 from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import SettingsError
@@ -48,6 +55,8 @@ __all__ = [
     "closed_loop",
     "open_loop",
     "register",
+    "require_model",
+    "run_failures",
     "scrape_worker_metrics",
     "summarize",
 ]
@@ -388,11 +397,46 @@ def _engine_bench_rows(
     ]
     for batch in batches:
         command += ["--batch", str(batch)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"engine-bench failed: {result.stderr[-2000:]}")
-    parsed: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # dies with the bench
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        forget(process)
+    if process.returncode != 0:
+        raise RuntimeError(f"engine-bench failed: {stderr.decode(errors='replace')[-2000:]}")
+    parsed: list[dict[str, Any]] = json.loads(stdout.decode().strip().splitlines()[-1])
     return parsed
+
+
+def require_model(repository: Path, model: str) -> None:
+    """Refuse a run for a model the repository cannot serve (SettingsError naming --model)."""
+    repo = ModelRepository(repository)
+    models = repo.models()
+    if model not in models:
+        where = (
+            f"{repository} has no model {model!r}" if repository.is_dir() else f"{repository} does not exist"
+        )
+        have = f" (it has {', '.join(models)})" if models else ""
+        raise SettingsError("model", f"{where}{have}; give --model one of its models, or --repository")
+    if not repo.candidates(model):
+        raise SettingsError("model", f"{repository / model} has no version to serve yet")
+
+
+def run_failures(points: Sequence[BenchPoint], max_error_ratio: float) -> list[str]:
+    """Why a run failed: each load level where every request failed, or more than `max_error_ratio` did."""
+    reasons = []
+    for point in points:
+        failed = sum(point.summary.errors.values())
+        total = failed + point.summary.requests
+        what = f"{point.mode} {point.load:g} (round {point.round})"
+        if total and failed == total:
+            reasons.append(f"{what}: every request failed: {point.summary.errors}")
+        elif total and failed / total > max_error_ratio:
+            reasons.append(
+                f"{what}: {failed} of {total} requests failed ({failed / total:.1%}, above "
+                f"--max-error-ratio {max_error_ratio:g}): {point.summary.errors}"
+            )
+    return reasons
 
 
 def _wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
@@ -461,9 +505,8 @@ async def embedded_stack(
                         *device_args,
                         *worker_args,
                     ]
-                process = await asyncio.to_thread(
-                    subprocess.Popen, command, stdout=subprocess.PIPE, stderr=None
-                )
+                # In a group of its own that dies with the bench, even on kill -9 (jetinfer.children).
+                process = await asyncio.to_thread(spawn, command, stdout=subprocess.PIPE, stderr=None)
                 processes.append(process)
                 if bare:
                     assert process.stdout is not None
@@ -485,6 +528,7 @@ async def embedded_stack(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     await asyncio.to_thread(process.wait)
+                forget(process)
                 if process.stdout is not None:
                     process.stdout.close()
 
@@ -515,6 +559,11 @@ async def _run_levels(
     points = []
     levels = settings.levels
     async with Client(settings=connection) as client:
+        # One request first, on its own: a model nobody serves, or a payload it refuses, fails the run
+        # here, at once, with the error's own line (instead of a whole run of failures).
+        await client.infer(
+            settings.model, payload, timeout=settings.timeout_s, input_name=settings.input_name
+        )
         # Warm up: the first requests pay for connections, caches and the engine's first batches.
         await closed_loop(
             client,
@@ -680,6 +729,8 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         repository = default_model_cache()
         if settings.model == DEMO_MODEL:
             await asyncio.to_thread(ensure_demo_model, repository)
+    if repository is not None and (settings.embedded or settings.engine_only):
+        require_model(repository, settings.model)
     payload, frames = make_payload(settings, repository)
     points: list[BenchPoint] = []
     engine: list[dict[str, Any]] = []
@@ -722,6 +773,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "points": [{**asdict(p), "summary": asdict(p.summary)} for p in points],
         "engine_only": engine,
         "table": _table(points, engine),
+        "failures": run_failures(points, settings.max_error_ratio),
     }
     if settings.plot:
         _plot(points, settings.plot)
@@ -750,4 +802,7 @@ def _command(args: argparse.Namespace) -> int:
         else:
             settings.json.write_text(text)
     print(report["table"])
-    return 0
+    failures = report["failures"]
+    for reason in failures:
+        print(f"jetinfer bench: failed: {reason}", file=sys.stderr)
+    return 1 if failures else 0

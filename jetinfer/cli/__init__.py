@@ -22,7 +22,7 @@ from typing import Final
 from jetinfer.errors import JetinferError
 from jetinfer.settings import add_arguments, load_settings, require, setting
 
-__all__ = ["COMMAND_MODULES", "CliSettings", "QUIET_COMMANDS", "build_parser", "main"]
+__all__ = ["COMMAND_MODULES", "QUIET_COMMANDS", "TopLevelSettings", "build_parser", "main"]
 
 #: Commands whose output is the point: their logs start at WARNING unless asked otherwise.
 QUIET_COMMANDS: Final = frozenset({"demo", "infer", "video", "bench", "engine-bench", "models"})
@@ -40,7 +40,7 @@ _LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(kw_only=True)
-class CliSettings:
+class TopLevelSettings:
     """What every `jetinfer` command takes before its name."""
 
     log_level: str | None = setting(
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Queue-based inference workers on NATS JetStream. `jetinfer COMMAND --help` lists a "
         "command's options; every option is also a JETINFER_* variable.",
     )
-    add_arguments(parser, CliSettings)
+    add_arguments(parser, TopLevelSettings)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extras:
         _subparser(parser, args.command).error(_unrecognized(_subparser(parser, args.command), extras))
     try:
-        cli = load_settings(CliSettings, args)
+        cli = load_settings(TopLevelSettings, args)
     except JetinferError as exc:
         print(f"jetinfer: error: {exc}", file=sys.stderr)
         return 2
