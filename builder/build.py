@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jetinfer.errors import JetinferError, RepositoryError
-from jetinfer.repository import ModelConfig, ModelVersion, prune_versions, write_version
+from jetinfer.repository import ModelConfig, ModelRepository, ModelVersion, prune_versions, write_version
 
 from .demo_models import DEMO_MODELS, MissingDependencyError
 from .export import export_onnx, producer_versions
@@ -45,6 +45,7 @@ __all__ = [
     "BuildResult",
     "build",
     "load_config_file",
+    "version_number",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class BuildOptions:
     workspace_mb: int = 4096
     timing_cache: Path | None = None
     version: int | None = None
+    serving_repository: Path | None = None
 
     def __post_init__(self) -> None:
         def need(condition: bool, message: str) -> None:
@@ -97,11 +99,37 @@ class BuildOptions:
             "--opt-batch must be ≤ --max-batch",
         )
         need(self.workspace_mb >= 1, "--workspace-mb must be at least 1")
+        need(
+            self.serving_repository is None or self.serving_repository.is_dir(),
+            f"--serving-repository {self.serving_repository} is not a folder",
+        )
 
     @property
     def precision(self) -> str:
         """The manifest's precision: int8, fp16 or fp32."""
         return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+
+def version_number(repository: Path, name: str, options: BuildOptions) -> int | None:
+    """The number the build writes: `--version`, else one above the newest of `repository` and of the
+    serving repository (`--serving-repository`: the sidecar takes only versions newer than its newest).
+
+    None leaves the choice to `write_version` (one above `repository`'s newest). Raises RepositoryError
+    for a `--version` the serving repository already has, or has something newer than.
+    """
+    if options.serving_repository is None:
+        return options.version
+    serving = max(ModelRepository(options.serving_repository).versions(name), default=0)
+    if options.version is not None:
+        if options.version <= serving:
+            raise RepositoryError(
+                options.serving_repository / name,
+                f"--version {options.version} is not newer than the serving repository's newest "
+                f"(v{serving}): the sidecar would never publish it; give --version {serving + 1} or more, "
+                "or leave --version out",
+            )
+        return options.version
+    return max(serving, *ModelRepository(repository).versions(name), 0) + 1
 
 
 @dataclass(frozen=True)
@@ -298,7 +326,7 @@ def build(
             precision=options.precision,
             producer=producer,
             tensorrt=tensorrt,
-            version=options.version,
+            version=version_number(repository, name, options),
         )
     removed = tuple(prune_versions(repository, name, keep=options.keep)) if options.keep else ()
     return BuildResult(version=version, removed=removed, size_bytes=version.model_file.stat().st_size)

@@ -116,6 +116,7 @@ def _build(args: argparse.Namespace) -> int:
             workspace_mb=settings.workspace_mb,
             timing_cache=settings.timing_cache,
             version=settings.version,
+            serving_repository=settings.serving_repository,
         )
         config = load_config_file(settings.config, name) if settings.config else None
         result = build(source, settings.repository, name, config=config, options=options)

@@ -53,7 +53,15 @@ class BuildSettings:
         default_text="torch for a .pt2 program, else onnxruntime",
     )
     keep: int | None = setting(None, "afterwards keep only the newest K versions", default_text="all")
-    version: int | None = setting(None, "version number", default_text="the newest + 1")
+    version: int | None = setting(
+        None, "version number", default_text="one above the newest here and in --serving-repository"
+    )
+    serving_repository: Path | None = setting(
+        None,
+        "the repository the workers serve from (the sidecar's --repository), when building into its "
+        "source (incoming/) or elsewhere: the version is numbered above its newest, so the sidecar "
+        "publishes it",
+    )
     fp16: bool = setting(False, "fp16 precision (tensorrt, torch)")
     int8: bool = setting(False, "int8 precision with calibration (tensorrt)")
     calibration_dir: Path | None = setting(
