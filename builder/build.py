@@ -1,4 +1,5 @@
-"""`jetinfer build`: turn an ONNX file (or a demo model) into a new repository version for a backend.
+"""`jetinfer build`: turn an ONNX file, a torch.export program or a demo model into a new repository
+version for a backend.
 
 =============  ====================================================================================
 backend        what happens
@@ -6,7 +7,10 @@ backend        what happens
 onnxruntime    the ONNX file is checked (onnxruntime loads it, its inputs/outputs match the config,
                a batch of zeros runs) and copied as model.onnx
 tensorrt       `builder.tensorrt_engine.build_engine` builds model.plan from the ONNX file
-torch          `builder.torch_export.export_pt2` exports a demo model's torch module to model.pt2
+torch          a user's torch.export program (.pt2, with a config) is checked by
+               `builder.torch_export.check_pt2` (it loads, takes the config's inputs with a batch of
+               1..max_batch, and batches of 1 and 2 run on the CPU with the configured outputs) and
+               copied as model.pt2; a demo model's torch module is exported by `export_pt2`
 =============  ====================================================================================
 
 The GPU backends are imported lazily: where they or TensorRT/CUDA are missing, the build fails with
@@ -190,9 +194,9 @@ def _load_tensorrt_backend() -> Any:
         raise _missing("tensorrt", exc, _TENSORRT_HINT) from exc
 
 
-def _load_torch_backend() -> Any:
+def _load_torch_backend(function: str = "export_pt2") -> Any:
     try:
-        return importlib.import_module(".torch_export", __package__).export_pt2
+        return getattr(importlib.import_module(".torch_export", __package__), function)
     except ImportError as exc:
         raise _missing("torch", exc, _TORCH_HINT) from exc
 
@@ -251,20 +255,39 @@ def build(
     onnx_file = None if demo is not None else Path(source_text)
     if onnx_file is not None and not onnx_file.is_file():
         raise RepositoryError(
-            onnx_file, f"no such ONNX file (or give a demo model name: {', '.join(DEMO_MODELS)})"
+            onnx_file,
+            "no such file: give an ONNX file, a .pt2 program or a demo model name "
+            f"({', '.join(DEMO_MODELS)})",
         )
-    if onnx_file is not None and options.backend == "torch":
+    program = onnx_file if onnx_file is not None and onnx_file.suffix == ".pt2" else None
+    if program is not None and options.backend != "torch":
+        raise RepositoryError(
+            program, "a .pt2 program is served by the torch backend: give --backend torch (or no --backend)"
+        )
+    if onnx_file is not None and program is None and options.backend == "torch":
         raise RepositoryError(
             onnx_file,
-            "--backend torch exports a PyTorch module, not an ONNX file: give a demo model name "
-            f"({', '.join(DEMO_MODELS)}) as the source",
+            "--backend torch takes a torch.export program (.pt2, from torch.export.save) or a demo model "
+            f"name ({', '.join(DEMO_MODELS)}); an ONNX file is for onnxruntime or tensorrt",
+        )
+    if program is not None and config is None:
+        raise RepositoryError(
+            program,
+            "a .pt2 program needs --config (a config.json with inputs, outputs, max_batch and, for image "
+            "requests, preprocess): the program does not say how requests map onto it",
         )
     config = _resolve_config(demo.config() if demo else None, config, name, options)
     with tempfile.TemporaryDirectory(prefix="jetinfer-build-") as tmp:
         workdir = Path(tmp)
         producer: dict[str, str]
         tensorrt: dict[str, str] = {}
-        if options.backend == "torch":
+        if program is not None:
+            assert config is not None
+            check_pt2 = _load_torch_backend("check_pt2")
+            _call_backend("torch", program, check_pt2, program, config)
+            model_file = program
+            producer = producer_versions("torch")
+        elif options.backend == "torch":
             assert demo is not None
             export_pt2 = _load_torch_backend()
             module, demo_config = demo.module()
