@@ -56,6 +56,19 @@ def save_program(path: Path, *, batch: Any = "dynamic", inputs: int = 1) -> Scor
 
 
 @pytest.fixture
+def photo() -> bytes:
+    """A JPEG of a gradient (Pillow only: the GPU machine has no scikit-image)."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
 def program(tmp_path: Path) -> tuple[Path, Path, Scorer]:
     """A user's program.pt2 and its config.json."""
     pt2, config = tmp_path / "scorer.pt2", tmp_path / "config.json"
@@ -132,7 +145,7 @@ def test_a_program_whose_outputs_differ_from_its_config_is_refused(
 
 
 def _serve_and_compare(
-    url: str, repository: Path, model: Scorer, cat_jpeg: bytes, *, on_cuda: bool, atol: float
+    url: str, repository: Path, model: Scorer, photo: bytes, *, on_cuda: bool, atol: float
 ) -> None:
     import asyncio
 
@@ -148,7 +161,7 @@ def _serve_and_compare(
             reply = await client.infer("scorer", frames, input_name="pixels", timeout=60)
             assert reply.model_version == "1"
             np.testing.assert_allclose(reply.output("scores"), expected, atol=atol)
-            image = await client.infer("scorer", cat_jpeg, timeout=60)  # through its preprocess section
+            image = await client.infer("scorer", photo, timeout=60)  # through its preprocess section
             scores = image.output("scores")
             assert scores.shape == (1, 4)
             np.testing.assert_allclose(scores.sum(), 1.0, atol=1e-2)
@@ -160,7 +173,7 @@ def test_the_built_version_serves_through_the_worker_on_the_cpu(
     nats_server: NatsUnderTest,
     program: tuple[Path, Path, Scorer],
     tmp_path: Path,
-    cat_jpeg: bytes,
+    photo: bytes,
     unique: str,
 ) -> None:
     if torch.cuda.is_available():
@@ -168,7 +181,7 @@ def test_the_built_version_serves_through_the_worker_on_the_cpu(
     pt2, config, model = program
     repository = tmp_path / f"repo-{unique}"
     assert build(pt2, config, repository).returncode == 0
-    _serve_and_compare(nats_server.url, repository, model, cat_jpeg, on_cuda=False, atol=1e-5)
+    _serve_and_compare(nats_server.url, repository, model, photo, on_cuda=False, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -177,7 +190,7 @@ def test_the_built_version_serves_through_the_worker_on_the_gpu(
     nats_server: NatsUnderTest,
     program: tuple[Path, Path, Scorer],
     tmp_path: Path,
-    cat_jpeg: bytes,
+    photo: bytes,
     unique: str,
 ) -> None:
     pt2, config, model = program
@@ -186,4 +199,4 @@ def test_the_built_version_serves_through_the_worker_on_the_gpu(
     assert result.returncode == 0, result.stderr
     assert "torch fp16" in result.stdout
     # fp16 on the GPU (CUDA graphs per batch bucket), against the user's own module in fp32 on the CPU.
-    _serve_and_compare(nats_server.url, repository, model, cat_jpeg, on_cuda=True, atol=5e-3)
+    _serve_and_compare(nats_server.url, repository, model, photo, on_cuda=True, atol=5e-3)
