@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from jetinfer.cleanup import logged
@@ -218,8 +219,11 @@ class Worker:
     async def update_lag(self) -> None:
         """Read consumer lag (num_pending + num_ack_pending) and the oldest request's age from the server."""
         assert self._js is not None
-        for model in list(self.servers):  # a model is registered (has a consumer) once it serves
-            info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
+        for model in self.models:
+            try:
+                info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
+            except NotFoundError:  # not registered yet: nobody has served a version of it
+                continue
             lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
             self.metrics.consumer_lag.labels(model=model).set(lag)
             age = 0.0
@@ -239,7 +243,7 @@ class Worker:
         if self.dead_letters is None or self._stopped:
             return 0
         buried = 0
-        for model in list(self.servers):
+        for model in self.models:
             try:
                 buried += await self.dead_letters.sweep(model)
             except Exception as exc:
