@@ -22,7 +22,10 @@ import numpy as np
 
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
+from jetinfer.settings import add_arguments, load_settings
 from jetinfer.worker.backends.base import BackendOptions, load_backend
+
+from .settings import EngineBenchSettings
 
 __all__ = ["engine_bench", "register"]
 
@@ -115,41 +118,27 @@ def register(subparsers: Any) -> None:
         description="Load the newest version of MODEL with the worker's backend and time infer() on random "
         "inputs of the model's shapes. Prints a table, or JSON with --json.",
     )
-    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
-    parser.add_argument("--model", required=True, help="model name")
-    parser.add_argument(
-        "--batch",
-        type=int,
-        action="append",
-        default=None,
-        help="batch size to time; repeat for several (default: 1 and the model's max_batch)",
-    )
-    parser.add_argument("--duration-s", type=float, default=5.0, help="seconds to time each batch size")
-    parser.add_argument("--device", type=int, default=None, help="GPU index for GPU backends")
-    parser.add_argument(
-        "--parallel-batches",
-        type=int,
-        default=0,
-        help="batches run at once where the backend can, as the worker's setting (0: the backend's choice)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON (one list) instead of a table")
+    add_arguments(parser, EngineBenchSettings)
     parser.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    batches = args.batch
+    settings = load_settings(EngineBenchSettings, args)
+    assert settings.repository is not None
+    assert settings.model is not None
+    batches = settings.batch
     if not batches:
-        config = ModelRepository(args.repository).config(args.model)
+        config = ModelRepository(settings.repository).config(settings.model)
         batches = sorted({1, config.max_batch})
     results = engine_bench(
-        args.repository,
-        args.model,
+        settings.repository,
+        settings.model,
         batches,
-        duration_s=args.duration_s,
-        device=args.device,
-        parallel_batches=args.parallel_batches,
+        duration_s=settings.duration_s,
+        device=settings.device,
+        parallel_batches=settings.parallel_batches,
     )
-    if args.json:
+    if settings.json:
         json.dump(results, sys.stdout)
         print()
         return 0

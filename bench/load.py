@@ -5,6 +5,12 @@ payloads with several frames per message. Reports throughput, p50/p90/p99/max la
 sizes the worker formed (scraped from its /metrics) and errors by code. With `--embedded` it starts
 a nats-server and the worker (or the bare nats-py loop, `--bare`) as subprocesses; `--engine-only`
 times the same model called directly, so the ratios come from one run on one machine.
+
+A run fails fast when its first request does (a model nobody serves, a payload it refuses; exit 2),
+and exits 1, after the table, naming each load level where every request failed or more than
+`--max-error-ratio` did. The embedded nats-server, workers and engine-bench run in process groups of
+their own that die with the bench, even on `kill -9` (`jetinfer.children`), and take the server's
+temporary store with them.
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from jetinfer.children import forget, spawn
 from jetinfer.demo_models import DEMO_MODEL, default_model_cache, ensure_demo_model
 from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import SettingsError
 from jetinfer.producer.client import Client, Payload
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
-from jetinfer.settings import ConnectionSettings, require
+from jetinfer.settings import ConnectionSettings, add_arguments, load_settings
+
+from .settings import BenchSettings
 
 __all__ = [
     "BenchPoint",
@@ -46,6 +55,8 @@ __all__ = [
     "closed_loop",
     "open_loop",
     "register",
+    "require_model",
+    "run_failures",
     "scrape_worker_metrics",
     "summarize",
 ]
@@ -228,24 +239,37 @@ async def open_loop(
 
 
 def _client_process(
-    url: str,
+    connection: ConnectionSettings,
     model: str,
     payload: Payload,
     concurrency: int,
     rate: float | None,
     duration_s: float,
     input_name: str,
+    timeout_s: float,
 ) -> tuple[list[float], dict[str, int], float]:
     """One load-generating process of `--clients N` (runs its own event loop and connection)."""
 
     async def main() -> tuple[list[float], Counter[str], float]:
-        async with Client(settings=ConnectionSettings(nats_url=url)) as client:
+        async with Client(settings=connection) as client:
             if rate:
                 return await open_loop(
-                    client, model, payload, rate=rate, duration_s=duration_s, input_name=input_name
+                    client,
+                    model,
+                    payload,
+                    rate=rate,
+                    duration_s=duration_s,
+                    input_name=input_name,
+                    timeout_s=timeout_s,
                 )
             return await closed_loop(
-                client, model, payload, concurrency=concurrency, duration_s=duration_s, input_name=input_name
+                client,
+                model,
+                payload,
+                concurrency=concurrency,
+                duration_s=duration_s,
+                input_name=input_name,
+                timeout_s=timeout_s,
             )
 
     latencies, errors, elapsed = asyncio.run(main())
@@ -253,25 +277,26 @@ def _client_process(
 
 
 async def _multi_process_level(
-    args: argparse.Namespace, url: str, payload: Payload, level: float
+    settings: BenchSettings, connection: ConnectionSettings, payload: Payload, level: float
 ) -> tuple[list[float], Counter[str], float]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    clients = args.clients
+    clients = settings.clients
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=clients, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
             loop.run_in_executor(
                 pool,
                 _client_process,
-                url,
-                args.model,
+                connection,
+                settings.model,
                 payload,
                 max(1, int(level) // clients),
-                level / clients if args.rate else None,
-                args.duration_s,
-                args.input_name,
+                level / clients if settings.rate else None,
+                settings.duration_s,
+                settings.input_name,
+                settings.timeout_s,
             )
             for _ in range(clients)
         ]
@@ -320,16 +345,16 @@ def _cat_jpeg(size: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Payload, int]:
+def make_payload(settings: BenchSettings, repository: Path | None) -> tuple[Payload, int]:
     """(payload, frames per request) for the chosen kind."""
-    if args.payload == "jpeg":
-        return (args.image.read_bytes() if args.image else _cat_jpeg(args.image_size)), 1
+    if settings.payload == "jpeg":
+        return (settings.image.read_bytes() if settings.image else _cat_jpeg(settings.image_size)), 1
     shape: list[int] | None = None
     datatype = "FP32"
-    if args.shape:
-        shape = [int(s) for s in args.shape.split(",")]
+    if settings.shape:
+        shape = [int(s) for s in settings.shape.split(",")]
     elif repository is not None:
-        spec = ModelRepository(repository).config(args.model).inputs[0]
+        spec = ModelRepository(repository).config(settings.model).inputs[0]
         shape = [d if d > 0 else 256 for d in spec.shape]
         datatype = spec.datatype
     if shape is None:
@@ -337,8 +362,8 @@ def make_payload(args: argparse.Namespace, repository: Path | None) -> tuple[Pay
             "shape", "give --shape (per frame) or --repository to read the model's input shape"
         )
     rng = np.random.default_rng(0)
-    array: npt.NDArray[Any] = rng.standard_normal((args.frames, *shape)).astype(DATATYPES[datatype])
-    return array, args.frames
+    array: npt.NDArray[Any] = rng.standard_normal((settings.frames, *shape)).astype(DATATYPES[datatype])
+    return array, settings.frames
 
 
 def _engine_only(repository: Path, model: str, batches: list[int], duration_s: float) -> list[dict[str, Any]]:
@@ -372,11 +397,46 @@ def _engine_bench_rows(
     ]
     for batch in batches:
         command += ["--batch", str(batch)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"engine-bench failed: {result.stderr[-2000:]}")
-    parsed: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # dies with the bench
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        forget(process)
+    if process.returncode != 0:
+        raise RuntimeError(f"engine-bench failed: {stderr.decode(errors='replace')[-2000:]}")
+    parsed: list[dict[str, Any]] = json.loads(stdout.decode().strip().splitlines()[-1])
     return parsed
+
+
+def require_model(repository: Path, model: str) -> None:
+    """Refuse a run for a model the repository cannot serve (SettingsError naming --model)."""
+    repo = ModelRepository(repository)
+    models = repo.models()
+    if model not in models:
+        where = (
+            f"{repository} has no model {model!r}" if repository.is_dir() else f"{repository} does not exist"
+        )
+        have = f" (it has {', '.join(models)})" if models else ""
+        raise SettingsError("model", f"{where}{have}; give --model one of its models, or --repository")
+    if not repo.candidates(model):
+        raise SettingsError("model", f"{repository / model} has no version to serve yet")
+
+
+def run_failures(points: Sequence[BenchPoint], max_error_ratio: float) -> list[str]:
+    """Why a run failed: each load level where every request failed, or more than `max_error_ratio` did."""
+    reasons = []
+    for point in points:
+        failed = sum(point.summary.errors.values())
+        total = failed + point.summary.requests
+        what = f"{point.mode} {point.load:g} (round {point.round})"
+        if total and failed == total:
+            reasons.append(f"{what}: every request failed: {point.summary.errors}")
+        elif total and failed / total > max_error_ratio:
+            reasons.append(
+                f"{what}: {failed} of {total} requests failed ({failed / total:.1%}, above "
+                f"--max-error-ratio {max_error_ratio:g}): {point.summary.errors}"
+            )
+    return reasons
 
 
 def _wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
@@ -445,9 +505,8 @@ async def embedded_stack(
                         *device_args,
                         *worker_args,
                     ]
-                process = await asyncio.to_thread(
-                    subprocess.Popen, command, stdout=subprocess.PIPE, stderr=None
-                )
+                # In a group of its own that dies with the bench, even on kill -9 (jetinfer.children).
+                process = await asyncio.to_thread(spawn, command, stdout=subprocess.PIPE, stderr=None)
                 processes.append(process)
                 if bare:
                     assert process.stdout is not None
@@ -469,6 +528,7 @@ async def embedded_stack(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     await asyncio.to_thread(process.wait)
+                forget(process)
                 if process.stdout is not None:
                     process.stdout.close()
 
@@ -487,56 +547,68 @@ def _scrape_all(urls: Sequence[str]) -> dict[str, float]:
 
 
 async def _run_levels(
-    args: argparse.Namespace, url: str, metrics_urls: Sequence[str], payload: Payload, frames: int, mode: str
+    settings: BenchSettings,
+    connection: ConnectionSettings,
+    metrics_urls: Sequence[str],
+    payload: Payload,
+    frames: int,
+    mode: str,
 ) -> list[BenchPoint]:
     from tqdm import tqdm
 
     points = []
-    settings = ConnectionSettings(nats_url=url)
-    levels = args.rate if args.rate else args.concurrency
-    async with Client(settings=settings) as client:
+    levels = settings.levels
+    async with Client(settings=connection) as client:
+        # One request first, on its own: a model nobody serves, or a payload it refuses, fails the run
+        # here, at once, with the error's own line (instead of a whole run of failures).
+        await client.infer(
+            settings.model, payload, timeout=settings.timeout_s, input_name=settings.input_name
+        )
         # Warm up: the first requests pay for connections, caches and the engine's first batches.
         await closed_loop(
             client,
-            args.model,
+            settings.model,
             payload,
-            concurrency=max(1, min(args.concurrency)),  # open-loop levels are rates, not users
-            duration_s=args.warmup_s,
-            input_name=args.input_name,
+            concurrency=max(1, min(settings.concurrency)),  # open-loop levels are rates, not users
+            duration_s=settings.warmup_s,
+            input_name=settings.input_name,
+            timeout_s=settings.timeout_s,
         )
         for level in levels:
             before = _scrape_all(metrics_urls) if metrics_urls else None
             progress = tqdm(
-                desc=f"{mode} {'rate' if args.rate else 'concurrency'} {level:g}",
+                desc=f"{mode} {'rate' if settings.rate else 'concurrency'} {level:g}",
                 unit="req",
                 leave=False,
                 file=sys.stderr,
-                disable=args.no_progress,
+                disable=None if settings.progress else True,
             )
             timings: dict[str, list[float]] = {}
-            if args.clients > 1:
-                lat, errors, elapsed = await _multi_process_level(args, url, payload, level)
-            elif args.rate:
+            if settings.clients > 1:
+                lat, errors, elapsed = await _multi_process_level(settings, connection, payload, level)
+            elif settings.rate:
                 lat, errors, elapsed = await open_loop(
                     client,
-                    args.model,
+                    settings.model,
                     payload,
                     rate=level,
-                    duration_s=args.duration_s,
+                    duration_s=settings.duration_s,
                     progress=progress,
-                    input_name=args.input_name,
+                    input_name=settings.input_name,
                     timings=timings,
+                    timeout_s=settings.timeout_s,
                 )
             else:
                 lat, errors, elapsed = await closed_loop(
                     client,
-                    args.model,
+                    settings.model,
                     payload,
                     concurrency=int(level),
-                    duration_s=args.duration_s,
+                    duration_s=settings.duration_s,
                     progress=progress,
-                    input_name=args.input_name,
+                    input_name=settings.input_name,
                     timings=timings,
+                    timeout_s=settings.timeout_s,
                 )
             progress.close()
             point = BenchPoint(
@@ -650,55 +722,61 @@ def _plot(points: list[BenchPoint], path: Path) -> None:
     plt.close(figure)
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run every requested measurement; returns the report."""
-    repository: Path | None = args.repository
-    if args.embedded and repository is None:
+    repository: Path | None = settings.repository
+    if settings.embedded and repository is None:
         repository = default_model_cache()
-        if args.model == DEMO_MODEL:
+        if settings.model == DEMO_MODEL:
             await asyncio.to_thread(ensure_demo_model, repository)
-    payload, frames = make_payload(args, repository)
+    if repository is not None and (settings.embedded or settings.engine_only):
+        require_model(repository, settings.model)
+    payload, frames = make_payload(settings, repository)
     points: list[BenchPoint] = []
     engine: list[dict[str, Any]] = []
-    if args.engine_only and repository is None:
+    if settings.engine_only and repository is None:
         raise SettingsError("repository", "--engine-only needs --repository (or --embedded)")
-    for number in range(1, args.rounds + 1):
-        if args.embedded:
+    for number in range(1, settings.rounds + 1):
+        if settings.embedded:
             assert repository is not None
-            modes = ["worker", "bare"] if args.bare else ["worker"]
+            modes = ["worker", "bare"] if settings.bare else ["worker"]
             for mode in modes:
                 async with embedded_stack(
                     repository,
-                    args.model,
+                    settings.model,
                     bare=mode == "bare",
-                    worker_args=args.worker_arg or [],
-                    workers=args.workers,
-                    devices=[int(d) for d in args.devices.split(",")] if args.devices else [],
+                    worker_args=settings.worker_arg or [],
+                    workers=settings.workers,
+                    devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
                 ) as (url, metrics_urls):
-                    measured = await _run_levels(args, url, metrics_urls, payload, frames, mode)
+                    embedded = ConnectionSettings(nats_url=url)
+                    measured = await _run_levels(settings, embedded, metrics_urls, payload, frames, mode)
                     points += [dataclasses.replace(p, round=number) for p in measured]
         else:
-            urls = [args.metrics_url] if args.metrics_url else []
-            measured = await _run_levels(args, args.nats_url, urls, payload, frames, "worker")
+            urls = [settings.metrics_url] if settings.metrics_url else []
+            measured = await _run_levels(settings, settings, urls, payload, frames, "worker")
             points += [dataclasses.replace(p, round=number) for p in measured]
-        if args.engine_only:
+        if settings.engine_only:
             assert repository is not None
-            config = ModelRepository(repository).config(args.model)
-            batches = args.engine_batch or sorted({1, config.max_batch})
-            rows = await asyncio.to_thread(_engine_only, repository, args.model, batches, args.duration_s)
+            config = ModelRepository(repository).config(settings.model)
+            batches = settings.engine_batch or sorted({1, config.max_batch})
+            rows = await asyncio.to_thread(
+                _engine_only, repository, settings.model, batches, settings.duration_s
+            )
             engine += [{**row, "round": number} for row in rows]
     report = {
-        "model": args.model,
-        "payload": args.payload,
+        "model": settings.model,
+        "payload": settings.payload,
         "frames_per_request": frames,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d"),
         "points": [{**asdict(p), "summary": asdict(p.summary)} for p in points],
         "engine_only": engine,
         "table": _table(points, engine),
+        "failures": run_failures(points, settings.max_error_ratio),
     }
-    if args.plot:
-        _plot(points, args.plot)
+    if settings.plot:
+        _plot(points, settings.plot)
     return report
 
 
@@ -710,119 +788,21 @@ def register(subparsers: Any) -> None:
         description="Measure end-to-end throughput and latency through NATS. With --embedded, starts a "
         "nats-server and a worker (and with --bare the bare nats-py loop) as subprocesses.",
     )
-    target = parser.add_argument_group("target")
-    target.add_argument(
-        "--nats-url",
-        default=os.environ.get("JETINFER_NATS_URL", "nats://127.0.0.1:4222"),
-        help="NATS server of a running worker (env JETINFER_NATS_URL)",
-    )
-    target.add_argument("--metrics-url", default=None, help="a running worker's /metrics, for batch sizes")
-    target.add_argument("--embedded", action="store_true", help="start nats-server and the worker here")
-    target.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="with --embedded: worker processes sharing the consumer (and the GPU)",
-    )
-    target.add_argument(
-        "--devices",
-        default=None,
-        help="with --embedded: GPU indices for the workers, e.g. 0,1 (worker i gets devices[i %% n])",
-    )
-    target.add_argument(
-        "--repository",
-        type=Path,
-        default=None,
-        help="model repository (with --embedded; default: the demo cache)",
-    )
-    target.add_argument("--model", default="efficientnet_lite0", help="model to load")
-    target.add_argument(
-        "--worker-arg",
-        action="append",
-        default=None,
-        metavar="ARG",
-        help="extra `jetinfer serve` argument for the embedded worker, e.g. --worker-arg=--max-wait-ms=2",
-    )
-    load = parser.add_argument_group("load")
-    load.add_argument(
-        "--concurrency",
-        type=int,
-        nargs="+",
-        default=[32],
-        help="closed loop: requests in flight; several values sweep",
-    )
-    load.add_argument(
-        "--rate",
-        type=float,
-        nargs="+",
-        default=None,
-        help="open loop: requests per second (instead of --concurrency); several values sweep",
-    )
-    load.add_argument("--duration-s", type=float, default=10.0, help="seconds per load level")
-    load.add_argument(
-        "--clients",
-        type=int,
-        default=1,
-        help="load-generating processes sharing the concurrency or rate (one Python process "
-        "tops out at a few thousand requests/s)",
-    )
-    load.add_argument("--warmup-s", type=float, default=2.0, help="seconds of warm-up before measuring")
-    load.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="repeat the worker, --bare and --engine-only measurements this many times, alternating, and "
-        "report each round's ratios and their median (shared machines drift between measurements)",
-    )
-    payload = parser.add_argument_group("payload")
-    payload.add_argument(
-        "--payload", choices=["jpeg", "tensor"], default="jpeg", help="what each request carries"
-    )
-    payload.add_argument("--image", type=Path, default=None, help="JPEG to send (default: the cat photo)")
-    payload.add_argument(
-        "--image-size", type=int, default=224, help="resize the default photo to this square"
-    )
-    payload.add_argument("--frames", type=int, default=1, help="tensor payloads: frames per message")
-    payload.add_argument("--shape", default=None, help="tensor payloads: per-frame shape, e.g. 3,224,224")
-    payload.add_argument("--input-name", default="input", help="tensor payloads: input name")
-    baselines = parser.add_argument_group("baselines")
-    baselines.add_argument("--engine-only", action="store_true", help="also time the model called directly")
-    baselines.add_argument(
-        "--engine-batch",
-        type=int,
-        action="append",
-        default=None,
-        help="batch sizes for --engine-only (default 1 and max_batch)",
-    )
-    baselines.add_argument(
-        "--bare",
-        action="store_true",
-        help="with --embedded: also run the bare fetch/ack/reply loop in place of the worker",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--json", type=Path, default=None, help="write the report as JSON here ('-' for stdout)"
-    )
-    output.add_argument("--plot", type=Path, default=None, help="write latency against throughput as a PNG")
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(parser, BenchSettings)
     parser.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    require(args.duration_s > 0, "duration_s", "must be above 0")
-    require(all(c >= 1 for c in args.concurrency), "concurrency", "must be at least 1")
-    require(args.rate is None or all(r > 0 for r in args.rate), "rate", "must be above 0")
-    require(args.frames >= 1, "frames", "must be at least 1")
-    require(args.clients >= 1, "clients", "must be at least 1")
-    require(args.workers >= 1, "workers", "must be at least 1")
-    require(args.rounds >= 1, "rounds", "must be at least 1")
-    require(not args.bare or args.embedded, "bare", "the bare loop baseline needs --embedded")
-    report = asyncio.run(run_bench(args))
-    if args.json is not None:
+    settings = load_settings(BenchSettings, args)
+    report = asyncio.run(run_bench(settings))
+    if settings.json is not None:
         text = json.dumps(report, indent=2, default=str)
-        if str(args.json) == "-":
+        if str(settings.json) == "-":
             print(text)
         else:
-            args.json.write_text(text)
+            settings.json.write_text(text)
     print(report["table"])
-    return 0
+    failures = report["failures"]
+    for reason in failures:
+        print(f"jetinfer bench: failed: {reason}", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,4 +1,5 @@
-"""`jetinfer build`: turn an ONNX file (or a demo model) into a new repository version for a backend.
+"""`jetinfer build`: turn an ONNX file, a torch.export program or a demo model into a new repository
+version for a backend.
 
 =============  ====================================================================================
 backend        what happens
@@ -6,7 +7,10 @@ backend        what happens
 onnxruntime    the ONNX file is checked (onnxruntime loads it, its inputs/outputs match the config,
                a batch of zeros runs) and copied as model.onnx
 tensorrt       `builder.tensorrt_engine.build_engine` builds model.plan from the ONNX file
-torch          `builder.torch_export.export_pt2` exports a demo model's torch module to model.pt2
+torch          a user's torch.export program (.pt2, with a config) is checked by
+               `builder.torch_export.check_pt2` (it loads, takes the config's inputs with a batch of
+               1..max_batch, and batches of 1 and 2 run on the CPU with the configured outputs) and
+               copied as model.pt2; a demo model's torch module is exported by `export_pt2`
 =============  ====================================================================================
 
 The GPU backends are imported lazily: where they or TensorRT/CUDA are missing, the build fails with
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jetinfer.errors import JetinferError, RepositoryError
-from jetinfer.repository import ModelConfig, ModelVersion, prune_versions, write_version
+from jetinfer.repository import ModelConfig, ModelRepository, ModelVersion, prune_versions, write_version
 
 from .demo_models import DEMO_MODELS, MissingDependencyError
 from .export import export_onnx, producer_versions
@@ -45,6 +49,7 @@ __all__ = [
     "BuildResult",
     "build",
     "load_config_file",
+    "version_number",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class BuildOptions:
     workspace_mb: int = 4096
     timing_cache: Path | None = None
     version: int | None = None
+    serving_repository: Path | None = None
 
     def __post_init__(self) -> None:
         def need(condition: bool, message: str) -> None:
@@ -97,11 +103,37 @@ class BuildOptions:
             "--opt-batch must be ≤ --max-batch",
         )
         need(self.workspace_mb >= 1, "--workspace-mb must be at least 1")
+        need(
+            self.serving_repository is None or self.serving_repository.is_dir(),
+            f"--serving-repository {self.serving_repository} is not a folder",
+        )
 
     @property
     def precision(self) -> str:
         """The manifest's precision: int8, fp16 or fp32."""
         return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+
+def version_number(repository: Path, name: str, options: BuildOptions) -> int | None:
+    """The number the build writes: `--version`, else one above the newest of `repository` and of the
+    serving repository (`--serving-repository`: the sidecar takes only versions newer than its newest).
+
+    None leaves the choice to `write_version` (one above `repository`'s newest). Raises RepositoryError
+    for a `--version` the serving repository already has, or has something newer than.
+    """
+    if options.serving_repository is None:
+        return options.version
+    serving = max(ModelRepository(options.serving_repository).versions(name), default=0)
+    if options.version is not None:
+        if options.version <= serving:
+            raise RepositoryError(
+                options.serving_repository / name,
+                f"--version {options.version} is not newer than the serving repository's newest "
+                f"(v{serving}): the sidecar would never publish it; give --version {serving + 1} or more, "
+                "or leave --version out",
+            )
+        return options.version
+    return max(serving, *ModelRepository(repository).versions(name), 0) + 1
 
 
 @dataclass(frozen=True)
@@ -162,9 +194,9 @@ def _load_tensorrt_backend() -> Any:
         raise _missing("tensorrt", exc, _TENSORRT_HINT) from exc
 
 
-def _load_torch_backend() -> Any:
+def _load_torch_backend(function: str = "export_pt2") -> Any:
     try:
-        return importlib.import_module(".torch_export", __package__).export_pt2
+        return getattr(importlib.import_module(".torch_export", __package__), function)
     except ImportError as exc:
         raise _missing("torch", exc, _TORCH_HINT) from exc
 
@@ -223,20 +255,39 @@ def build(
     onnx_file = None if demo is not None else Path(source_text)
     if onnx_file is not None and not onnx_file.is_file():
         raise RepositoryError(
-            onnx_file, f"no such ONNX file (or give a demo model name: {', '.join(DEMO_MODELS)})"
+            onnx_file,
+            "no such file: give an ONNX file, a .pt2 program or a demo model name "
+            f"({', '.join(DEMO_MODELS)})",
         )
-    if onnx_file is not None and options.backend == "torch":
+    program = onnx_file if onnx_file is not None and onnx_file.suffix == ".pt2" else None
+    if program is not None and options.backend != "torch":
+        raise RepositoryError(
+            program, "a .pt2 program is served by the torch backend: give --backend torch (or no --backend)"
+        )
+    if onnx_file is not None and program is None and options.backend == "torch":
         raise RepositoryError(
             onnx_file,
-            "--backend torch exports a PyTorch module, not an ONNX file: give a demo model name "
-            f"({', '.join(DEMO_MODELS)}) as the source",
+            "--backend torch takes a torch.export program (.pt2, from torch.export.save) or a demo model "
+            f"name ({', '.join(DEMO_MODELS)}); an ONNX file is for onnxruntime or tensorrt",
+        )
+    if program is not None and config is None:
+        raise RepositoryError(
+            program,
+            "a .pt2 program needs --config (a config.json with inputs, outputs, max_batch and, for image "
+            "requests, preprocess): the program does not say how requests map onto it",
         )
     config = _resolve_config(demo.config() if demo else None, config, name, options)
     with tempfile.TemporaryDirectory(prefix="jetinfer-build-") as tmp:
         workdir = Path(tmp)
         producer: dict[str, str]
         tensorrt: dict[str, str] = {}
-        if options.backend == "torch":
+        if program is not None:
+            assert config is not None
+            check_pt2 = _load_torch_backend("check_pt2")
+            _call_backend("torch", program, check_pt2, program, config)
+            model_file = program
+            producer = producer_versions("torch")
+        elif options.backend == "torch":
             assert demo is not None
             export_pt2 = _load_torch_backend()
             module, demo_config = demo.module()
@@ -298,7 +349,7 @@ def build(
             precision=options.precision,
             producer=producer,
             tensorrt=tensorrt,
-            version=options.version,
+            version=version_number(repository, name, options),
         )
     removed = tuple(prune_versions(repository, name, keep=options.keep)) if options.keep else ()
     return BuildResult(version=version, removed=removed, size_bytes=version.model_file.stat().st_size)

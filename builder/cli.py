@@ -3,15 +3,16 @@
 ::
 
     jetinfer export-demo --repository DIR [--models efficientnet_lite0,resnet50,identity] [--force]
-    jetinfer build SOURCE --repository DIR [--name NAME] [--config config.json]
+    jetinfer build SOURCE --repository DIR [--name NAME] [--config config.json] [--serving-repository DIR]
                    [--backend onnxruntime|tensorrt|torch] [--keep K] [--version N] [--fp16]
                    [--int8 --calibration-dir DIR] [--min-batch N] [--opt-batch N] [--max-batch N]
                    [--workspace-mb MB] [--timing-cache FILE]
     jetinfer models --repository DIR [--json] [--no-verify]
     jetinfer sidecar --source DIR --repository DIR --nats-url URL [--poll-s 2] [--once] [...]
 
-``--repository`` also reads ``JETINFER_REPOSITORY``; every sidecar flag is also a ``JETINFER_*``
-variable. Errors print one line naming the problem, never a traceback.
+Every flag is also a ``JETINFER_*`` variable (``--repository`` is ``JETINFER_REPOSITORY``; the settings
+are in ``builder.cli_settings`` and ``builder.sidecar``). Errors print one line naming the problem,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from typing import Any
 from jetinfer.errors import JetinferError
 from jetinfer.settings import add_arguments, load_settings
 
-from .build import BACKENDS, BuildOptions, build, load_config_file
+from .build import BuildOptions, build, load_config_file
+from .cli_settings import BuildSettings, ExportDemoSettings, ModelsSettings
 from .demo_models import DEMO_MODELS, MissingDependencyError
 from .models import format_bytes, format_report, inspect_repository
 
@@ -49,38 +50,28 @@ def _fail(command: str, message: object) -> int:
     return 2
 
 
-def _add_repository(parser: argparse.ArgumentParser) -> None:
-    default = os.environ.get("JETINFER_REPOSITORY")
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        default=Path(default) if default else None,
-        required=not default,
-        metavar="DIR",
-        help="model repository folder (env JETINFER_REPOSITORY)",
-    )
-
-
 # -- export-demo --------------------------------------------------------------------------------------
 
 
 def _export_demo(args: argparse.Namespace) -> int:
     from .export import DEFAULT_DEMO_MODELS, export_demo, summarize
 
-    names = [n.strip() for n in (args.models or ",".join(DEFAULT_DEMO_MODELS)).split(",") if n.strip()]
+    settings = load_settings(ExportDemoSettings, args)
+    assert settings.repository is not None
+    names = settings.models or list(DEFAULT_DEMO_MODELS)
     unknown = [n for n in names if n not in DEMO_MODELS]
     if unknown:
         return _fail("export-demo", f"unknown demo model(s) {unknown}; choose from {', '.join(DEMO_MODELS)}")
     try:
-        results = export_demo(args.repository, names, force=args.force, progress=not args.no_progress)
+        results = export_demo(settings.repository, names, force=settings.force, progress=settings.progress)
     except MissingDependencyError as exc:
         return _fail("export-demo", exc)
     counts = summarize(results)
     print(
-        f"export-demo: {args.repository}: {counts['written']} written, {counts['skipped']} up to date, "
+        f"export-demo: {settings.repository}: {counts['written']} written, {counts['skipped']} up to date, "
         f"{counts['unavailable']} unavailable here"
     )
-    explicitly_missing = args.models is not None and counts["unavailable"] > 0
+    explicitly_missing = bool(settings.models) and counts["unavailable"] > 0
     return 1 if explicitly_missing else 0
 
 
@@ -97,17 +88,7 @@ def _register_export_demo(subparsers: Any) -> None:
             "resnet50 needs torchvision too and is skipped with a note where it does not import."
         ),
     )
-    _add_repository(parser)
-    parser.add_argument(
-        "--models",
-        default=None,
-        metavar="LIST",
-        help=f"comma-separated demo models to export (default: {','.join(DEMO_MODELS)})",
-    )
-    parser.add_argument("--force", action="store_true", help="export again even if a valid version exists")
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (it is off when not a TTY)"
-    )
+    add_arguments(parser, ExportDemoSettings)
     parser.set_defaults(handler=_export_demo)
 
 
@@ -115,26 +96,30 @@ def _register_export_demo(subparsers: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    settings = load_settings(BuildSettings, args)
+    assert settings.repository is not None
     source = str(args.source)
-    name = args.name or (source if source in DEMO_MODELS and not Path(source).exists() else None)
+    name = settings.name or (source if source in DEMO_MODELS and not Path(source).exists() else None)
     if name is None:
         return _fail("build", "give --name (the model's name in the repository)")
+    backend = settings.backend or ("torch" if source.endswith(".pt2") else "onnxruntime")
     try:
         options = BuildOptions(
-            backend=args.backend,
-            keep=args.keep,
-            fp16=args.fp16,
-            int8=args.int8,
-            calibration_dir=args.calibration_dir,
-            min_batch=args.min_batch,
-            opt_batch=args.opt_batch,
-            max_batch=args.max_batch,
-            workspace_mb=args.workspace_mb,
-            timing_cache=args.timing_cache,
-            version=args.version,
+            backend=backend,
+            keep=settings.keep,
+            fp16=settings.fp16,
+            int8=settings.int8,
+            calibration_dir=settings.calibration_dir,
+            min_batch=settings.min_batch,
+            opt_batch=settings.opt_batch,
+            max_batch=settings.max_batch,
+            workspace_mb=settings.workspace_mb,
+            timing_cache=settings.timing_cache,
+            version=settings.version,
+            serving_repository=settings.serving_repository,
         )
-        config = load_config_file(args.config, name) if args.config else None
-        result = build(source, args.repository, name, config=config, options=options)
+        config = load_config_file(settings.config, name) if settings.config else None
+        result = build(source, settings.repository, name, config=config, options=options)
     except MissingDependencyError as exc:
         return _fail("build", exc)
     except JetinferError as exc:
@@ -153,77 +138,28 @@ def _build(args: argparse.Namespace) -> int:
 def _register_build(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "build",
-        help="turn an ONNX file into a new repository version for a backend",
+        help="turn an ONNX file (or a torch.export program) into a new repository version for a backend",
         formatter_class=_HelpFormatter,
         description=(
-            "Turn SOURCE (an ONNX file, or a demo model name) into a new version of a model repository.\n"
+            "Turn SOURCE (an ONNX file, a torch.export program .pt2, or a demo model name) into a new\n"
+            "version of a model repository.\n"
             "  onnxruntime  check that onnxruntime loads it, that its inputs/outputs match the config,\n"
             "               and that a batch runs; then copy it as model.onnx\n"
             "  tensorrt     build a TensorRT engine (model.plan) with an optimization profile for the\n"
             "               batch sizes; needs tensorrt and a GPU (the GPU image)\n"
-            "  torch        export a demo model with torch.export (model.pt2); SOURCE must be a demo name\n"
+            "  torch        a .pt2 program (torch.export.save) with --config: check that it loads, that\n"
+            "               its batch dimension reaches max_batch and that a batch runs, then copy it as\n"
+            "               model.pt2; or export a demo model with torch.export\n"
             "The version is written into a hidden folder, fsynced and renamed into place, so a failed\n"
-            "build leaves nothing behind. Without --config the config is derived from the graph."
+            "build leaves nothing behind. Without --config an ONNX file's config is derived from the graph."
         ),
     )
     parser.add_argument(
-        "source", metavar="SOURCE", help=f"ONNX file, or a demo model: {', '.join(DEMO_MODELS)}"
+        "source",
+        metavar="SOURCE",
+        help=f"ONNX file, .pt2 program, or a demo model: {', '.join(DEMO_MODELS)}",
     )
-    _add_repository(parser)
-    parser.add_argument(
-        "--name", default=None, help="model name in the repository, [a-z0-9_-]{1,64} (default: the demo name)"
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="config.json to use (inputs, outputs, max_batch, preprocess, labels); default: derived from the "
-        "graph's inputs and outputs, with no preprocessing",
-    )
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default="onnxruntime", help="backend the version is for"
-    )
-    parser.add_argument(
-        "--keep", type=int, default=None, metavar="K", help="afterwards keep only the newest K versions"
-    )
-    parser.add_argument(
-        "--version", type=int, default=None, metavar="N", help="version number (default: newest + 1)"
-    )
-    parser.add_argument("--fp16", action="store_true", help="fp16 precision (tensorrt, torch)")
-    parser.add_argument("--int8", action="store_true", help="int8 precision with calibration (tensorrt)")
-    parser.add_argument(
-        "--calibration-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="representative inputs for --int8 calibration (images or .npy batches)",
-    )
-    parser.add_argument("--min-batch", type=int, default=1, metavar="N", help="smallest batch of the profile")
-    parser.add_argument(
-        "--opt-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="batch the engine is tuned for (default: max)",
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="largest batch; overrides the config's max_batch (default: the config's, or 32 when derived)",
-    )
-    parser.add_argument(
-        "--workspace-mb", type=int, default=4096, metavar="MB", help="TensorRT builder workspace"
-    )
-    parser.add_argument(
-        "--timing-cache",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="TensorRT timing cache to read and update (faster rebuilds on the same GPU)",
-    )
+    add_arguments(parser, BuildSettings)
     parser.set_defaults(handler=_build)
 
 
@@ -231,8 +167,10 @@ def _register_build(subparsers: Any) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    report = inspect_repository(args.repository, verify_checksums=not args.no_verify)
-    if args.json:
+    settings = load_settings(ModelsSettings, args)
+    assert settings.repository is not None
+    report = inspect_repository(settings.repository, verify_checksums=settings.verify)
+    if settings.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(format_report(report))
@@ -254,11 +192,7 @@ def _register_models(subparsers: Any) -> None:
             "Exit status: 0 all valid, 1 something is wrong, 2 no such repository."
         ),
     )
-    _add_repository(parser)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 checks (faster on big engines)"
-    )
+    add_arguments(parser, ModelsSettings)
     parser.set_defaults(handler=_models)
 
 

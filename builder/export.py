@@ -194,7 +194,8 @@ def _export_one(name: str, repository: Path, workdir: Path, say: Any) -> ExportR
     return ExportResult(
         name=name,
         status="written",
-        message=f"wrote {version.path} ({format_bytes(size)}) in {time.perf_counter() - started:.1f} s",
+        message=f"v{version.version} at {version.path} ({format_bytes(size)}, "
+        f"{time.perf_counter() - started:.1f} s)",
         version=version.version,
         path=version.path,
         size_bytes=size,

@@ -10,7 +10,9 @@ Every `poll_s` seconds the sidecar scans the source. A version newer than everyt
 holds is taken only when it is *complete*: its files (and the model's config) did not change since the
 previous scan, its manifest is present and valid, and its model file's sha256 matches the manifest.
 A half-copied upload therefore waits; a version that stays broken is refused with a logged reason
-(once per state of its files: when they change, it is looked at again) and never copied.
+(once per state of its files: when they change, it is looked at again) and never copied. So is a
+version not newer than the repository's newest whose number the repository holds as another build
+(numbered from the wrong folder): it could never be published, and the refusal names the fix.
 
 A complete version is copied with `write_version` (hidden temporary folder, fsync, rename; same version
 number, checksum verified on the copy), then the reload signal is published on core NATS subject
@@ -180,6 +182,8 @@ class _Candidate:
     model: str
     version: int
     snapshot: Snapshot
+    #: Why it cannot be published whatever its files (a number the repository holds another build of).
+    shadowed: str | None = None
 
 
 class Sidecar:
@@ -266,7 +270,8 @@ class Sidecar:
             logger.warning(message, *args)
 
     def _scan(self) -> list[_Candidate]:
-        """Versions in the source newer than the repository's newest, with their snapshots (thread)."""
+        """Versions in the source newer than the repository's newest, with their snapshots, and those
+        never to be published because the repository holds another build of their number (thread)."""
         found = []
         for model_folder in sorted(self.source.iterdir()):
             name = model_folder.name
@@ -289,13 +294,34 @@ class Sidecar:
                     )
                     continue
                 number = int(entry.name)
-                if number <= newest:
+                shadowed = self._shadowed(name, number, newest) if number <= newest else None
+                if number <= newest and shadowed is None:
                     continue
                 try:
-                    found.append(_Candidate(name, number, _snapshot(model_folder, entry)))
+                    found.append(_Candidate(name, number, _snapshot(model_folder, entry), shadowed))
                 except OSError as exc:  # removed while we looked
                     logger.debug("sidecar: %s changed while scanning: %s", entry, exc)
         return found
+
+    def _shadowed(self, model: str, number: int, newest: int) -> str | None:
+        """Why a source version not newer than the repository's newest is never published, when the
+        repository holds another build under its number (a build numbered from the wrong folder)."""
+        try:
+            ours = json.loads((self.source / model / str(number) / "manifest.json").read_text())
+            theirs = json.loads((self.repository / model / str(number) / "manifest.json").read_text())
+        except (OSError, ValueError):  # not in the repository (pruned), or being written: nothing to say
+            return None
+        if (
+            not isinstance(ours, dict)
+            or not isinstance(theirs, dict)
+            or ours.get("sha256") == theirs.get("sha256")
+        ):
+            return None
+        return (
+            f"the repository's v{number} is another build (its newest is v{newest}), and only versions newer "
+            f"than v{newest} are published: number the build above it (jetinfer build --serving-repository "
+            f"{self.repository}, or --version {newest + 1})"
+        )
 
     def _verify(self, model: str, version: int) -> ModelVersion:
         """Load and verify a source version (config, manifest, file, checksum) (thread)."""
@@ -323,12 +349,13 @@ class Sidecar:
     def _refuse(self, result: PollResult, candidate: _Candidate, reason: str) -> None:
         key = (candidate.model, candidate.version)
         self._refused[key] = candidate.snapshot
-        logger.warning("sidecar: refusing %s v%d: %s", candidate.model, candidate.version, reason)
         self._print(f"refused {candidate.model} v{candidate.version}: {reason}")
         result.refused.append(Refused(candidate.model, candidate.version, reason))
 
     def _print(self, line: str) -> None:
+        """Say one event, once: a line on the output (the log repeats it only at DEBUG)."""
         print(f"sidecar: {line}", file=self._out, flush=True)
+        logger.debug("sidecar: %s", line)
 
     async def _take(self, candidate: _Candidate, result: PollResult) -> Published | None:
         key = (candidate.model, candidate.version)
@@ -368,14 +395,6 @@ class Sidecar:
                 )
             return None
         self._failures.pop(key, None)
-        size = copied.model_file.stat().st_size
-        logger.info(
-            "sidecar: published %s v%d (%d bytes) at %s",
-            candidate.model,
-            candidate.version,
-            size,
-            copied.path,
-        )
         self._print(
             f"published {candidate.model} v{candidate.version} ({copied.manifest.backend}) -> {copied.path}"
         )
@@ -392,6 +411,10 @@ class Sidecar:
         newest: dict[str, int] = {}
         for candidate in sorted(candidates, key=lambda c: (c.model, c.version)):
             key = (candidate.model, candidate.version)
+            if candidate.shadowed is not None:
+                if self._refused.get(key) != candidate.snapshot:
+                    self._refuse(result, candidate, candidate.shadowed)
+                continue
             stable = self._previous.get(key) == candidate.snapshot
             self._previous[key] = candidate.snapshot
             if not stable:
@@ -432,15 +455,10 @@ class Sidecar:
                     break
                 except Exception as exc:  # nats-py raises several unrelated types here
                     if attempt == self.settings.retries:
-                        logger.error(
-                            "sidecar: reload signal for %s v%d not sent after %d attempts: %s "
-                            "(workers still find the version by polling the repository)",
-                            model,
-                            version,
-                            attempt,
-                            exc,
+                        self._print(
+                            f"{model} v{version}: reload signal not sent after {attempt} attempts: {exc} "
+                            "(workers still find the version by polling the repository)"
                         )
-                        self._print(f"{model} v{version}: reload signal not sent: {exc}")
                         return answers
                     logger.warning("sidecar: publishing %s failed (attempt %d): %s", subject, attempt, exc)
                     await self._sleep(delay)
@@ -460,16 +478,6 @@ class Sidecar:
                     )
                     continue
                 answers.append(answer)
-                log = logger.warning if answer.status == "refused" else logger.info
-                log(
-                    "sidecar: %s v%d: worker %s %s v%s: %s",
-                    model,
-                    version,
-                    answer.worker,
-                    answer.status,
-                    answer.version,
-                    answer.message,
-                )
                 suffix = f": {answer.message}" if answer.message else ""
                 self._print(
                     f"{model} v{version}: worker {answer.worker} {answer.status} v{answer.version}{suffix}"
@@ -477,14 +485,10 @@ class Sidecar:
         finally:
             await logged(logger, "sidecar: unsubscribing from the workers' answers", sub.unsubscribe())
         if not answers:
-            logger.warning(
-                "sidecar: no worker answered the reload signal for %s v%d within %.1f s "
-                "(workers also poll the repository)",
-                model,
-                version,
-                self.settings.answer_wait_s,
+            self._print(
+                f"{model} v{version}: no worker answered the reload signal within "
+                f"{self.settings.answer_wait_s:g} s (workers also poll the repository)"
             )
-            self._print(f"{model} v{version}: no worker answered within {self.settings.answer_wait_s:g} s")
         return answers
 
     # -- main loop ---------------------------------------------------------------------------------

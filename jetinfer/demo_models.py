@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jetinfer.errors import RepositoryError
 from jetinfer.repository import ModelRepository
 
 __all__ = ["DEMO_MODEL", "default_model_cache", "ensure_demo_model"]
@@ -28,13 +29,19 @@ def default_model_cache() -> Path:
 def ensure_demo_model(cache_dir: Path) -> None:
     """Export the demo classifier into `cache_dir` unless a valid version is there."""
     repository = ModelRepository(cache_dir)
-    try:
-        if repository.candidates(DEMO_MODEL):
-            repository.load_version(DEMO_MODEL, repository.candidates(DEMO_MODEL)[0])
-            return
-    except Exception as exc:
-        print(f"demo model in {cache_dir} is not usable ({exc}); exporting again", file=sys.stderr)
-    print(f"exporting {DEMO_MODEL} into {cache_dir} (once; needs the 'export' extra: torch) ...", flush=True)
+    state = "not exported yet"
+    if (repository.model_dir(DEMO_MODEL) / "config.json").exists():
+        try:
+            candidates = repository.candidates(DEMO_MODEL)
+            if candidates:
+                repository.load_version(DEMO_MODEL, candidates[0])
+                return
+        except (RepositoryError, OSError) as exc:
+            state = f"not usable ({exc})"
+    print(
+        f"{DEMO_MODEL} is {state} in {cache_dir}: exporting it (needs the 'export' extra: torch) ...",
+        flush=True,
+    )
     command = [
         sys.executable,
         "-m",

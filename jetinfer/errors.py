@@ -13,6 +13,7 @@
     │   └── RetryableError            may pass on another try: the worker `nak`s with back-off
     │       └── BackendError          internal: the backend failed (error, out of memory)
     ├── RequestTimeoutError           the client waited `timeout` seconds for a reply
+    ├── JobStalledError               a batch job got no reply for its timeout; `waiting_for` says for what
     ├── SettingsError                 a setting is invalid; `setting` names it
     ├── StreamMismatchError           an existing stream differs; `field` names the difference
     ├── StreamMissingError            a stream this process reads does not exist; `name` names it
@@ -32,6 +33,7 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidInputError",
     "JetinferError",
+    "JobStalledError",
     "ModelLoadError",
     "PermanentError",
     "ReplyRefusedError",
@@ -116,6 +118,24 @@ class RequestTimeoutError(JetinferError, TimeoutError):
         super().__init__(f"no reply to request {request_id!r} within {timeout_s:g} s")
         self.request_id = request_id
         self.timeout_s = timeout_s
+
+
+class JobStalledError(JetinferError, TimeoutError):
+    """A batch job (`jetinfer video`) got no reply for `timeout_s` while frames were waiting for one.
+
+    The frames stay where they are (requests in INFER, answers in RESULTS): running the same job
+    again resumes it.
+    """
+
+    def __init__(self, job: str, timeout_s: float, waiting_for: str, answered: int) -> None:
+        super().__init__(
+            f"job {job}: no reply for {timeout_s:g} s while waiting for {waiting_for}; {answered} frames "
+            "answered so far. Re-run the same command to resume (answered frames are not sent again)"
+        )
+        self.job = job
+        self.timeout_s = timeout_s
+        self.waiting_for = waiting_for
+        self.answered = answered
 
 
 class SettingsError(JetinferError, ValueError):

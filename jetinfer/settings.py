@@ -4,8 +4,10 @@ Each process has one settings object. A field `max_wait_ms` is the flag `--max-w
 variable `JETINFER_MAX_WAIT_MS`; a flag wins over the variable, which wins over the default.
 Validation runs at construction (`__post_init__`) and raises `SettingsError` naming the setting.
 
-Fields are declared with `setting(default, "help text")`; list fields take a repeated flag or a
-comma-separated variable.
+Fields are declared with `setting(default, "help text")`; list fields take several values after one
+flag, a repeated flag, or a comma-separated variable (a field declared with `separator=None` keeps each
+flag value whole and reads its variable as shell words: `--worker-arg=--max-wait-ms=2`).
+`--help` shows each flag's variable and default (`default_text` where the value alone would not say it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -40,14 +43,38 @@ ENV_PREFIX = "JETINFER_"
 T = TypeVar("T")
 
 
-def setting(default: Any, help: str, *, secret: bool = False) -> Any:
-    """Declare a settings field with its default and its `--help` text."""
+def setting(
+    default: Any,
+    help: str,
+    *,
+    secret: bool = False,
+    default_text: str | None = None,
+    separator: str | None = ",",
+) -> Any:
+    """Declare a settings field with its default and its `--help` text.
+
+    `default_text` is what `--help` shows as the default (e.g. "the demo cache" for None); `separator`
+    splits the values of a list field (None: flag values stay whole, the variable is split like a shell).
+    """
+    metadata = {"help": help, "secret": secret, "default_text": default_text, "separator": separator}
     if isinstance(default, list):
         frozen = list(default)
-        return dataclasses.field(
-            default_factory=lambda: list(frozen), metadata={"help": help, "secret": secret}
-        )
-    return dataclasses.field(default=default, metadata={"help": help, "secret": secret})
+        return dataclasses.field(default_factory=lambda: list(frozen), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    """The default as `--help` shows it: never Python's `None`."""
+    if f.metadata.get("default_text"):
+        return str(f.metadata["default_text"])
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if f.metadata.get("secret") and default:
+        return "***"
+    if default is None:
+        return "unset"
+    if isinstance(default, list):
+        return " ".join(str(v) for v in default) if default else "none"
+    return str(default)
 
 
 def flag_name(name: str) -> str:
@@ -109,10 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset
         if f.name in skip or not f.init:
             continue
         scalar, _optional, is_list = _base_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "***" if f.metadata.get("secret") and default else default
-        full_help = f"{help_text} [env {env_name(f.name)}; default: {shown}]"
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        full_help = f"{help_text} [env {env_name(f.name)}; default: {_shown_default(f).replace('%', '%%')}]"
         if scalar is bool and not is_list:
             group.add_argument(
                 flag_name(f.name),
@@ -123,7 +148,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset
             )
         elif is_list:
             group.add_argument(
-                flag_name(f.name), dest=f.name, action="append", default=None, metavar="VALUE", help=full_help
+                flag_name(f.name),
+                dest=f.name,
+                action="extend",
+                nargs="+",
+                default=None,
+                metavar="VALUE",
+                help=full_help,
             )
         else:
             group.add_argument(
@@ -151,10 +182,11 @@ def load_settings(
         if f.name in overrides:
             values[f.name] = overrides[f.name]
             continue
+        separator = f.metadata.get("separator", ",")
         raw = given.get(f.name)
         if raw is not None:
             if is_list:
-                items = [part for item in raw for part in str(item).split(",") if part.strip()]
+                items = [part for item in raw for part in _split(str(item), separator, flag=True)]
                 values[f.name] = [_convert(f.name, scalar, item) for item in items]
             elif isinstance(raw, str):
                 values[f.name] = _convert(f.name, scalar, raw)
@@ -164,11 +196,20 @@ def load_settings(
         env_value = environ.get(env_name(f.name))
         if env_value is not None and env_value != "":
             if is_list:
-                values[f.name] = [_convert(f.name, scalar, p) for p in env_value.split(",") if p.strip()]
+                parts = _split(env_value, separator, flag=False)
+                values[f.name] = [_convert(f.name, scalar, p) for p in parts]
             else:
                 values[f.name] = _convert(f.name, scalar, env_value)
     built: T = cls(**values)
     return built
+
+
+def _split(text: str, separator: str | None, *, flag: bool) -> list[str]:
+    """The items of a list value: split at `separator`; with None a flag value stays whole and a
+    variable is split into shell words."""
+    if separator is None:
+        return [text] if flag else shlex.split(text)
+    return [part for part in text.split(separator) if part.strip()]
 
 
 def require(condition: bool, name: str, message: str) -> None:

@@ -1,10 +1,11 @@
 """The jetinfer client library (async and sync) and the producer CLIs."""
 
 from .client import Client, Payload, encode_payload
+from .frames import Frame, read_frames
 from .metrics import ClientMetrics
 from .settings import ClientSettings, ProducerSettings
 from .sync import SyncClient
-from .video import Frame, FrameResult, read_frames, video_job
+from .video import FrameResult, JobProgress, video_job
 
 __all__ = [
     "Client",
@@ -12,6 +13,7 @@ __all__ = [
     "ClientSettings",
     "Frame",
     "FrameResult",
+    "JobProgress",
     "Payload",
     "ProducerSettings",
     "SyncClient",

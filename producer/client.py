@@ -34,6 +34,7 @@ import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
@@ -344,11 +345,6 @@ class Client:
     ) -> _Sent:
         check_model_name(model)
         body, content_type = encode_payload(request_id, payload, input_name=input_name, parameters=parameters)
-        max_payload = self.nc.max_payload
-        if len(body) > max_payload:
-            raise TooLargeError(
-                f"request of {len(body)} bytes is over the server's max_payload of {max_payload}"
-            )
         headers = request_headers(request_id, reply_to, content_type=content_type, deadline_ms=deadline_ms)
         subject = self.infer_subject(model)
         await self._publish_with_retries(subject, body, headers, request_id)
@@ -366,6 +362,12 @@ class Client:
             try:
                 await self.js.publish(subject, body, headers=headers, timeout=self.publish_timeout_s)
                 return
+            except MaxPayloadError:  # nats-py refuses it before sending: the connection stays up
+                raise TooLargeError(
+                    f"request of {len(body)} bytes is over the NATS server's max_payload of "
+                    f"{self.nc.max_payload} bytes: send fewer frames per request (JPEGs rather than FP32 "
+                    "tensors), or raise max_payload in the server's configuration (max_payload: 8MB)"
+                ) from None
             except NoStreamResponseError:
                 if not await self._stream_takes(subject):
                     model = subject.split(".")[1]

@@ -7,6 +7,11 @@ is already answered and sends only the rest. Frame request ids are `<job>-<index
 `ids`), used as `Nats-Msg-Id`, so a frame sent again while its first copy still waits in INFER is
 stored once, and no other tenant can publish one of them first.
 
+Frames stream: each is read (from a thread, so decoding never blocks the event loop), sent and
+answered while the next ones are still being read, with at most `in_flight` unanswered. Every wait
+has a bound: when no reply comes for `stall_timeout_s` while frames wait for one (nobody serves the
+model), the job stops with `JobStalledError` saying what it waited for; running it again resumes.
+
     async with Client(url) as client:
         async for result in video_job(client, "efficientnet_lite0", read_frames(path), job="clip-1"):
             ...  # in frame order
@@ -16,40 +21,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetinfer.cleanup import logged
-from jetinfer.errors import InvalidInputError
+from jetinfer.errors import InvalidInputError, JobStalledError
 from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
 from jetinfer.streams import RESULTS_STREAM, require_stream
 
 from .client import Client
+from .frames import Frame, count_frames, default_job_id, read_frames
 from .ids import new_request_id
 
-__all__ = ["Frame", "FrameResult", "default_job_id", "read_frames", "result_line", "video_job"]
+__all__ = [
+    "Frame",
+    "FrameResult",
+    "JobProgress",
+    "count_frames",
+    "default_job_id",
+    "read_frames",
+    "result_line",
+    "video_job",
+]
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One sampled frame: its index in the job, its time in the source, and its encoded image."""
-
-    index: int
-    timestamp_s: float | None
-    image: bytes
+#: How long a job waits for the answers an earlier run left in RESULTS, at most.
+_RESUME_READ_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,71 +66,18 @@ class FrameResult:
     reply: InferResponse | None = None
     error: ErrorReply | None = None
     resumed: bool = False  # answered in an earlier run of the same job
+    source: str | None = None  # the file of a folder's frame
 
 
-def default_job_id(source: Path, model: str, every_n: int, fps: float | None, *, key: bytes = b"") -> str:
-    """A job id that is the same for the same input, model and sampling, so a re-run resumes.
+@dataclass
+class JobProgress:
+    """What a running job has done so far (read by the CLI after an interruption)."""
 
-    With `key` (`ids.id_key` of the client's settings, for a tenant) it is a keyed hash, so another
-    tenant, who sees job names in the stream's subjects, cannot tell which file a job reads.
-    """
-    stat = source.stat()
-    text = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{model}|{every_n}|{fps}"
-    if key:
-        return "job-" + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:16]
-    return "job-" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def read_frames(
-    source: Path, *, every_n: int = 1, fps: float | None = None, quality: int = 90
-) -> Iterator[Frame]:
-    """Frames of a video file (OpenCV) or of a folder of images (sorted by name), sampled.
-
-    `every_n` keeps every n-th frame; `fps` keeps frames at most that often (video files).
-    """
-    if every_n < 1:
-        raise InvalidInputError("every_n must be at least 1")
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not files:
-            raise InvalidInputError(f"{source} holds no .jpg/.jpeg/.png images")
-        for index, path in enumerate(files[::every_n]):
-            yield Frame(index=index, timestamp_s=None, image=path.read_bytes())
-        return
-    if not source.is_file():
-        raise InvalidInputError(f"{source}: no such file or folder")
-    try:
-        import cv2
-    except ImportError:
-        raise InvalidInputError("reading video files needs OpenCV: pip install 'jetinfer[video]'") from None
-    capture = cv2.VideoCapture(str(source))
-    if not capture.isOpened():
-        raise InvalidInputError(f"{source}: OpenCV cannot open it as a video")
-    try:
-        source_fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
-        min_gap_s = 1.0 / fps if fps else 0.0
-        last_kept = -1e18
-        position = 0
-        index = 0
-        while True:
-            ok, image = capture.read()
-            if not ok:
-                break
-            timestamp = position / source_fps if source_fps > 0 else None
-            keep = position % every_n == 0
-            if keep and min_gap_s and timestamp is not None:
-                keep = timestamp - last_kept >= min_gap_s - 1e-9
-            if keep:
-                encoded_ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-                if not encoded_ok:
-                    raise InvalidInputError(f"{source}: cannot encode frame {position} as JPEG")
-                yield Frame(index=index, timestamp_s=timestamp, image=buffer.tobytes())
-                index += 1
-                if timestamp is not None:
-                    last_kept = timestamp
-            position += 1
-    finally:
-        capture.release()
+    read: int = 0
+    sent: int = 0
+    answered: int = 0
+    resumed: int = 0
+    reading_done: bool = False
 
 
 def _frame_id(job: str, index: int, tag: str | None = None) -> str:
@@ -140,121 +92,202 @@ def _index_of(job: str, request_id: str, tag: str | None = None) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+async def _each(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
+    """The frames one at a time; a plain iterable is advanced in a thread (reading may decode video)."""
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+        return
+    iterator: Iterator[Frame] = iter(frames)
+
+    def advance() -> Frame | None:
+        return next(iterator, None)
+
+    while (item := await asyncio.to_thread(advance)) is not None:
+        yield item
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (the first few ranges)."""
+    parts: list[str] = []
+    start = previous = indices[0]
+    for index in [*indices[1:], None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ", ".join(parts[:4]) + (", ..." if len(parts) > 4 else "")
+
+
+class _Job:
+    """The state one run of a job shares between its reader/sender task and its in-order results."""
+
+    def __init__(self, client: Client, model: str, job: str, in_flight: int, progress: JobProgress) -> None:
+        self.client = client
+        self.model = model
+        self.job = job
+        self.subject = client.results_subject(job)
+        self.tag = client.id_tag(job)
+        self.in_flight = in_flight
+        self.progress = progress
+        self.replies: dict[int, InferResponse | ErrorReply] = {}
+        self.earlier: set[int] = set()
+        self.known: dict[int, Frame] = {}  # frames read and not yet yielded, without their images
+        self.order: deque[int] = deque()  # their indices, in the order they were read
+        self.outstanding: set[int] = set()  # sent, not answered
+        self.changed = asyncio.Event()
+        self.last_progress = time.monotonic()
+
+    async def on_result(self, msg: Any) -> None:
+        try:
+            reply = decode_reply(msg.data)
+        except Exception as exc:
+            logger.warning("job %s: unreadable result: %s", self.job, exc)
+            return
+        index = _index_of(self.job, reply.id, self.tag)
+        if index is None or index in self.replies:
+            return
+        self.replies[index] = reply
+        self.outstanding.discard(index)
+        self.last_progress = time.monotonic()
+        self.changed.set()
+
+    async def read_earlier_answers(self, timeout_s: float) -> None:
+        """Wait (bounded) until the answers RESULTS holds for this job have arrived."""
+        info = await self.client.js.stream_info(RESULTS_STREAM, subjects_filter=self.subject)
+        stored = (info.state.subjects or {}).get(self.subject, 0) if info.state else 0
+        deadline = time.monotonic() + timeout_s
+        while len(self.replies) < stored and time.monotonic() < deadline:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.5)
+        if len(self.replies) < stored:
+            logger.warning(
+                "job %s: read %d of the %d answers RESULTS holds within %g s; sending the rest again",
+                self.job,
+                len(self.replies),
+                stored,
+                timeout_s,
+            )
+        self.earlier = set(self.replies)
+
+    async def send(self, frames: Iterable[Frame] | AsyncIterable[Frame]) -> None:
+        """Read the frames one at a time and publish each, keeping at most `in_flight` unanswered."""
+        async for frame in _each(frames):
+            self.progress.read += 1
+            self.known[frame.index] = Frame(frame.index, frame.timestamp_s, b"", frame.source, frame.problem)
+            self.order.append(frame.index)
+            if frame.index in self.replies:
+                self.changed.set()
+                continue
+            if frame.problem is not None:  # no image: answered here, never sent
+                where = frame.source or f"frame {frame.index}"
+                self.replies[frame.index] = ErrorReply(
+                    _frame_id(self.job, frame.index, self.tag), "invalid_input", f"{where}: {frame.problem}"
+                )
+                self.changed.set()
+                continue
+            while len(self.outstanding) >= self.in_flight:
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), 1.0)
+            if not self.outstanding:
+                self.last_progress = time.monotonic()  # waiting for a reply starts now
+            self.outstanding.add(frame.index)
+            await self.client.publish(
+                self.model,
+                frame.image,
+                request_id=_frame_id(self.job, frame.index, self.tag),
+                reply_to=self.subject,
+            )
+            self.progress.sent += 1
+        self.progress.reading_done = True
+        self.changed.set()
+
+    def stalled(self, timeout_s: float) -> JobStalledError | None:
+        """The error to stop with when frames wait for replies and none came for `timeout_s`."""
+        waiting = sorted(self.outstanding)
+        if not waiting or time.monotonic() - self.last_progress <= timeout_s:
+            return None
+        what = (
+            f"the replies to frames {_ranges(waiting)} ({len(waiting)} sent, unanswered) from model "
+            f"{self.model} on {self.subject}: is a worker serving {self.model}?"
+        )
+        return JobStalledError(self.job, timeout_s, what, self.progress.answered)
+
+
 async def video_job(
     client: Client,
     model: str,
-    frames: Iterable[Frame],
+    frames: Iterable[Frame] | AsyncIterable[Frame],
     *,
     job: str,
     in_flight: int = 64,
     stall_timeout_s: float = 60.0,
-    max_resends: int = 2,
+    progress: JobProgress | None = None,
 ) -> AsyncIterator[FrameResult]:
-    """Run `frames` through `model` as job `job`; yield results in frame order.
+    """Run `frames` through `model` as job `job`; yield results in frame order, as they come.
 
-    Frames already answered in RESULTS (an earlier run of the same job) are not sent again. A frame
-    with no reply after `stall_timeout_s` of no progress is sent again (its reply was lost), at most
-    `max_resends` times, then reported as a `deadline_exceeded` error.
+    Frames already answered in RESULTS (an earlier run of the same job) are not sent again. When frames
+    wait for replies and none comes for `stall_timeout_s`, raises `JobStalledError` (the job resumes
+    when run again). `progress`, where given, is kept up to date.
     """
     if not job or any(c in job for c in " .*>"):
         raise InvalidInputError(f"job id {job!r} must be a non-empty token without spaces, '.', '*' or '>'")
-    subject = client.results_subject(job)
-    tag = client.id_tag(job)
+    if in_flight < 1:
+        raise InvalidInputError("in_flight must be at least 1")
+    progress = progress if progress is not None else JobProgress()
+    state = _Job(client, model, job, in_flight, progress)
     # Workers create the streams with the deployment's settings; a producer only checks that RESULTS is there.
     await require_stream(
         client.js, RESULTS_STREAM, "start a worker first (it creates INFER, RESULTS and DLQ)"
     )
-    frame_list = list(frames)
-    timestamps = {f.index: f.timestamp_s for f in frame_list}
-    replies: dict[int, InferResponse | ErrorReply] = {}
-    arrived = asyncio.Event()
-
-    async def on_result(msg: Any) -> None:
-        try:
-            reply = decode_reply(msg.data)
-        except Exception as exc:
-            logger.warning("job %s: unreadable result: %s", job, exc)
-            return
-        index = _index_of(job, reply.id, tag)
-        if index is not None and index in timestamps and index not in replies:
-            replies[index] = reply
-            arrived.set()
-
     # A named consumer: its create subject then carries the filter, which is what lets the server allow
     # a tenant consumers on its own results only (docs/operations.md, Tenants); stream= spares a
     # look-up producers may not make.
     named = ConsumerConfig(name=f"{job}-{new_request_id()[:16]}") if client.tenant else None
     subscription = await client.js.subscribe(
-        subject,
+        state.subject,
         stream=RESULTS_STREAM,
         config=named,
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL,
-        cb=on_result,
+        cb=state.on_result,
     )
     try:
-        info = await client.js.stream_info("RESULTS", subjects_filter=subject)
-        stored = (info.state.subjects or {}).get(subject, 0) if info.state else 0
-        deadline = time.monotonic() + 10
-        while len(replies) < min(stored, len(frame_list)) and time.monotonic() < deadline:
-            arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), 0.5)
-        already = set(replies)
-        pending = [f for f in frame_list if f.index not in already]
-        logger.info(
-            "job %s: %d frames, %d answered before, %d to send",
-            job,
-            len(frame_list),
-            len(already),
-            len(pending),
-        )
-        sender = asyncio.create_task(_send(client, model, pending, job, tag, subject, replies, in_flight))
-        next_index = 0
-        resends = 0
-        last_progress = time.monotonic()
+        await state.read_earlier_answers(min(_RESUME_READ_S, stall_timeout_s))
+        logger.info("job %s: %d frames answered before", job, len(state.earlier))
+        sender = asyncio.create_task(state.send(frames), name=f"job-{job}-sender")
         try:
-            while next_index < len(frame_list):
-                while next_index < len(frame_list) and frame_list[next_index].index in replies:
-                    frame = frame_list[next_index]
-                    reply = replies[frame.index]
+            while True:
+                while state.order and state.order[0] in state.replies:
+                    index = state.order.popleft()
+                    reply = state.replies[index]
+                    frame = state.known.pop(index)
+                    resumed = index in state.earlier
+                    progress.answered += 1
+                    progress.resumed += resumed
                     yield FrameResult(
-                        index=frame.index,
-                        timestamp_s=timestamps[frame.index],
+                        index=index,
+                        timestamp_s=frame.timestamp_s,
                         reply=reply if isinstance(reply, InferResponse) else None,
                         error=reply if isinstance(reply, ErrorReply) else None,
-                        resumed=frame.index in already,
+                        resumed=resumed,
+                        source=frame.source,
                     )
-                    next_index += 1
-                    last_progress = time.monotonic()
-                if next_index >= len(frame_list):
-                    break
-                arrived.clear()
+                if sender.done():
+                    if sender.exception() is not None:
+                        raise sender.exception()  # type: ignore[misc]
+                    if not state.order:
+                        return  # every frame read was answered
+                stalled = state.stalled(stall_timeout_s)
+                if stalled is not None:
+                    raise stalled
+                state.changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), 1.0)
-                if sender.done() and sender.exception() is not None:
-                    raise sender.exception()  # type: ignore[misc]
-                if sender.done() and time.monotonic() - last_progress > stall_timeout_s:
-                    missing = [f for f in frame_list[next_index:] if f.index not in replies]
-                    if resends >= max_resends:
-                        for frame in missing:
-                            replies[frame.index] = ErrorReply(
-                                _frame_id(job, frame.index, tag),
-                                "deadline_exceeded",
-                                f"no reply after {max_resends + 1} sends",
-                            )
-                        continue
-                    resends += 1
-                    logger.warning(
-                        "job %s: no progress for %.0f s; sending %d unanswered frames again",
-                        job,
-                        stall_timeout_s,
-                        len(missing),
-                    )
-                    sender = asyncio.create_task(
-                        _send(client, model, missing, job, tag, subject, replies, in_flight, attempt=resends)
-                    )
-                    last_progress = time.monotonic()
+                    await asyncio.wait_for(state.changed.wait(), 1.0)
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -263,36 +296,14 @@ async def video_job(
         await logged(logger, f"job {job}: unsubscribing from its results", subscription.unsubscribe())
 
 
-async def _send(
-    client: Client,
-    model: str,
-    frames: list[Frame],
-    job: str,
-    tag: str | None,
-    subject: str,
-    replies: dict[int, Any],
-    in_flight: int,
-    attempt: int = 0,
-) -> None:
-    """Publish frames, keeping at most `in_flight` unanswered (the stream stores replies meanwhile)."""
-    sent: list[int] = []
-    for frame in frames:
-        while sum(1 for i in sent if i not in replies) >= in_flight:
-            await asyncio.sleep(0.002)
-            sent = [i for i in sent if i not in replies]
-        if frame.index in replies:
-            continue
-        # A resend gets a new id: the same id inside the duplicate window would be dropped by JetStream.
-        request_id = _frame_id(job, frame.index, tag) + (f"~r{attempt}" if attempt else "")
-        await client.publish(model, frame.image, request_id=request_id, reply_to=subject)
-        sent.append(frame.index)
-
-
 def result_line(result: FrameResult, labels: tuple[str, ...], k: int) -> str:
-    """One JSON line for a frame: index, timestamp, and top-k labels (classifiers) or output summaries."""
+    """One JSON line for a frame: index, timestamp, file (a folder's frames), and top-k labels
+    (classifiers), output summaries, or the error."""
     from jetinfer.labels import top_k
 
     line: dict[str, Any] = {"index": result.index, "timestamp_s": result.timestamp_s}
+    if result.source is not None:
+        line["file"] = result.source
     if result.error is not None:
         line["error"] = {"code": result.error.code, "message": result.error.message}
         return json.dumps(line)

@@ -153,3 +153,143 @@ async def test_open_loop_sends_at_the_rate_asked(nats_server: Any, model_repo: A
         latencies, errors, _ = await open_loop(client, model, payload, rate=200.0, duration_s=0.5)
     assert len(latencies) == 100  # rate x duration requests, each answered
     assert not errors
+
+
+# -- issue 16.5: a failed run fails; the embedded stack dies with the bench ------------------------------
+
+
+def test_bench_of_a_model_nobody_serves_fails_at_once(nats_server: Any, unique: str) -> None:
+    result = run_cli(
+        "bench",
+        "--nats-url",
+        nats_server.url,
+        "--model",
+        f"nosuch-{unique}",
+        "--payload",
+        "tensor",
+        "--shape",
+        "4",
+        "--duration-s",
+        "60",
+        "--no-progress",
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"no worker has registered model 'nosuch-{unique}'" in line
+    assert "nan" not in result.stdout
+
+
+def test_embedded_bench_of_a_model_the_repository_lacks_names_the_flag(demo_repository: Path) -> None:
+    result = run_cli("bench", "--embedded", "--repository", str(demo_repository), "--model", "nosuch")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "--model" in line
+    assert "has no model 'nosuch'" in line
+    assert "identity" in line  # what it does have
+
+
+def test_a_run_whose_requests_failed_is_a_failure() -> None:
+    from jetinfer.bench.load import run_failures
+
+    def point(ok: int, errors: dict[str, int]) -> BenchPoint:
+        return BenchPoint("worker", 8, summarize([0.01] * ok, 1.0, errors=Counter(errors)))
+
+    assert run_failures([point(100, {})], 0.01) == []
+    assert run_failures([point(1000, {"RequestTimeoutError": 5})], 0.01) == []
+    (every,) = run_failures([point(0, {"unknown_model": 13593})], 0.01)
+    assert "every request failed" in every
+    (many,) = run_failures([point(90, {"internal": 10})], 0.01)
+    assert "10 of 100 requests failed" in many
+    assert "--max-error-ratio" in many
+    assert run_failures([point(90, {"internal": 10})], 0.2) == []
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) of every process (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        table[int(entry.name)] = (int(ppid), state, cmdline)
+    return table
+
+
+def _alive(pid: int) -> bool:
+    info = _processes().get(pid)
+    return info is not None and info[1] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_kill_9_of_an_embedded_bench_takes_its_children_and_temp_folder_along(demo_repository: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    bench = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jetinfer.cli",
+            "bench",
+            "--embedded",
+            "--repository",
+            str(demo_repository),
+            "--model",
+            "identity",
+            "--payload",
+            "tensor",
+            "--shape",
+            "256",
+            "--concurrency",
+            "2",
+            "--duration-s",
+            "300",
+            "--warmup-s",
+            "0.2",
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the nats-server and a ready worker: the run has begun
+            children = {p: cmd for p, (ppid, _, cmd) in _processes().items() if ppid == bench.pid}
+            if any("nats-server" in c for c in children.values()) and any(
+                " serve " in c for c in children.values()
+            ):
+                break
+            assert bench.poll() is None, "the bench ended before its stack was up"
+            time.sleep(0.2)
+        (nats_cmd,) = [c for c in children.values() if "nats-server" in c]
+        store = Path(nats_cmd.split(" -c ", 1)[1].split()[0]).parent
+        assert store.is_dir()
+        time.sleep(1.0)  # let the worker start taking load
+        os.kill(bench.pid, signal.SIGKILL)
+        bench.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(_alive(p) for p in children) or store.exists()):
+            time.sleep(0.1)
+        survivors = {p: c for p, c in children.items() if _alive(p)}
+        assert not survivors, f"children of the killed bench still run: {survivors}"
+        assert not store.exists(), f"the killed bench's temporary folder {store} is still there"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -288,7 +288,7 @@ def test_build_cli(tmp_path: Path, identity_onnx: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--backend", "torch"], "--backend torch exports a PyTorch module"),
+        (["--backend", "torch"], "--backend torch takes a torch.export program (.pt2"),
         (["--fp16"], "--fp16 and --int8 need --backend tensorrt"),
         (["--backend", "tensorrt", "--int8"], "--int8 needs --calibration-dir"),
         (["--keep", "0"], "--keep must be at least 1"),

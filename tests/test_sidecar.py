@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import io
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -113,22 +112,19 @@ async def test_a_half_copied_version_is_taken_only_when_complete(
     folders: tuple[Path, Path],
     onnx_file: Path,
     unique: str,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     source, repo = folders
     name = f"half-{unique}"
     written = add_source_version(source, name, onnx_file, 1)
     full = written.model_file.read_bytes()
     written.model_file.write_bytes(full[: len(full) // 2])  # manifest present, model file half copied
-    async with Sidecar(
-        settings_for(nats_server.url, source, repo, answer_wait_s=0.1), out=io.StringIO()
-    ) as sidecar:
+    out = io.StringIO()
+    async with Sidecar(settings_for(nats_server.url, source, repo, answer_wait_s=0.1), out=out) as sidecar:
         assert (await sidecar.poll()).waiting == [(name, 1)]
-        with caplog.at_level(logging.WARNING, logger="jetinfer.builder.sidecar"):
-            stalled = await sidecar.poll()
+        stalled = await sidecar.poll()
         assert [(r.model, r.version) for r in stalled.refused] == [(name, 1)]
         assert "checksum mismatch" in stalled.refused[0].reason
-        assert "refusing" in caplog.text
+        assert f"sidecar: refused {name} v1: " in out.getvalue()
         assert not (await sidecar.poll()).refused  # refused once per state of the files, not on every scan
         assert ModelRepository(repo).versions(name) == []
         written.model_file.write_bytes(full)  # the copy resumes and completes

@@ -106,3 +106,169 @@ def test_cli_writes_one_line_per_frame_in_order(
     assert "12 frames" in result.stdout
     rerun = asyncio.run(run())
     assert "12 answered in an earlier run, 0 sent now" in rerun.stdout
+
+
+# -- issue 16: no hang, one bad file is one line, frames stream, Ctrl-C says how to resume ---------------
+
+
+def cat_folder(folder: Path, cat_jpeg: bytes, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    cat = Image.open(io.BytesIO(cat_jpeg))
+    for index in range(count):
+        cat.rotate(index * 3).save(folder / f"frame{index:03d}.jpg")
+    return folder
+
+
+async def register_only(url: str, model: str) -> None:
+    """Register `model` on INFER as a worker that then went away would have left it."""
+    import nats
+
+    from jetinfer.settings import StreamSettings
+    from jetinfer.streams import ensure_consumer, ensure_streams, register_model
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, StreamSettings())
+        await register_model(js, model, StreamSettings())
+        await ensure_consumer(js, model, StreamSettings())
+    finally:
+        await nc.drain()
+
+
+def test_video_with_nobody_serving_ends_within_its_timeout_and_a_rerun_resumes(
+    nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    import asyncio
+
+    repo, model = model_repo("efficientnet_lite0")
+    asyncio.run(register_only(nats_server.url, model))
+    folder = cat_folder(tmp_path / "frames", cat_jpeg, 10)
+    out = tmp_path / "results.jsonl"
+    argv = ["video", str(folder), "--model", model, "--out", str(out), "--nats-url", nats_server.url]
+    stalled = run_cli(*argv, "--timeout-s", "2", "--in-flight", "4", timeout=120)
+    assert stalled.returncode == 3, stalled.stderr[-2000:]
+    (line,) = stalled.stderr.strip().splitlines()
+    assert "no reply for 2 s while waiting for the replies to frames 0-3" in line
+    assert f"is a worker serving {model}?" in line
+    assert "Re-run the same command to resume" in line
+    assert not out.exists()
+
+    async def resume() -> Any:
+        async with running_worker(nats_server.url, repo, [model]):
+            return await asyncio.to_thread(run_cli, *argv)
+
+    resumed = asyncio.run(resume())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == list(range(10))
+
+
+def test_one_bad_file_is_one_error_line_naming_it_and_the_job_goes_on(
+    nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    import asyncio
+
+    repo, model = model_repo("efficientnet_lite0")
+    folder = cat_folder(tmp_path / "frames", cat_jpeg, 5)
+    not_an_image = folder / "frame002.jpg"
+    not_an_image.write_text("hello, I am a text file")
+    truncated = folder / "frame003.jpg"
+    truncated.write_bytes(cat_jpeg[: len(cat_jpeg) // 3])
+    (folder / "notes.txt").write_text("taken on a Tuesday")
+    out = tmp_path / "results.jsonl"
+
+    async def run() -> Any:
+        async with running_worker(nats_server.url, repo, [model]):
+            return await asyncio.to_thread(
+                run_cli,
+                "video",
+                str(folder),
+                "--model",
+                model,
+                "--out",
+                str(out),
+                "--nats-url",
+                nats_server.url,
+            )
+
+    result = asyncio.run(run())
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if ": error " in line]
+    assert len(errors) == 2, result.stderr
+    assert errors[0].startswith(f"jetinfer video: frame 2 ({not_an_image}): error invalid_input: ")
+    assert "not a JPEG image" in errors[0]
+    assert errors[1].startswith(f"jetinfer video: frame 3 ({truncated}): error invalid_input: ")
+    assert "notes.txt" in result.stderr  # skipped, and said so
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(5))
+    assert [line["file"] for line in lines] == [str(folder / f"frame{i:03d}.jpg") for i in range(5)]
+    assert ["error" in line for line in lines] == [False, False, True, True, False]
+    assert "5 frames" in result.stdout
+
+
+async def test_frames_stream_from_the_source(nats_server: NatsUnderTest, model_repo: Any, clip: Path) -> None:
+    """The first result comes while the source is still being read (no whole-input read first)."""
+    import threading
+
+    repo, model = model_repo("efficientnet_lite0")
+    first_result = threading.Event()
+    waited_in_vain: list[int] = []
+
+    def source() -> Any:
+        for frame in read_frames(clip):
+            if frame.index == 4 and not first_result.wait(60):  # a bounded wait: never a hang
+                waited_in_vain.append(frame.index)
+            yield frame
+
+    async with running_worker(nats_server.url, repo, [model]), Client(nats_server.url) as client:
+        results = []
+        async for result in video_job(client, model, source(), job=f"stream-{model}", in_flight=2):
+            first_result.set()
+            results.append(result)
+    assert not waited_in_vain, "every frame was read before the first one was answered"
+    assert [r.index for r in results] == list(range(FRAMES))
+
+
+def test_ctrl_c_of_video_says_how_to_resume(
+    nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    _, model = model_repo("efficientnet_lite0")
+    asyncio.run(register_only(nats_server.url, model))
+    folder = cat_folder(tmp_path / "frames", cat_jpeg, 4)
+    argv = ["video", str(folder), "--model", model, "--out", str(tmp_path / "o.jsonl")]
+    video = subprocess.Popen(
+        [sys.executable, "-m", "jetinfer.cli", "--log-level", "INFO", *argv, "--nats-url", nats_server.url],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "JETINFER_TIMEOUT_S": "120"},
+    )
+    try:
+        assert video.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the job has started once it read its earlier answers
+            line = video.stderr.readline()
+            if "frames answered before" in line or not line:
+                break
+        video.send_signal(signal.SIGINT)
+        _, stderr = video.communicate(timeout=60)
+    finally:
+        if video.poll() is None:
+            video.kill()
+            video.wait()
+    assert video.returncode == 130
+    assert "interrupted" in stderr
+    assert "Re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr

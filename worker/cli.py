@@ -54,12 +54,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Worker(settings, backend_factory=backend_factory) as worker:
-            logger.info(
-                "worker %s serving %s; metrics on port %s",
-                settings.worker_id,
-                ", ".join(worker.models),
-                worker.health_port,
-            )
+            logger.info("worker %s %s", settings.worker_id, _start_line(worker))
             stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(worker.failed.wait())
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
@@ -72,6 +67,19 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _start_line(worker: Worker) -> str:
+    """What a started worker serves (with versions), what it waits for, and where its metrics are."""
+    serving = [
+        f"{m} v{worker.slots[m].describe().get('version')}" for m in worker.models if m in worker.servers
+    ]
+    waiting = [m for m in worker.models if m not in worker.servers]
+    said = f"serving {', '.join(serving)}" if serving else "serving nothing yet"
+    if waiting:
+        said += f"; waiting for a version of {', '.join(waiting)}"
+    port = worker.health_port
+    return said + (f"; metrics on port {port}" if port else "; metrics off (--metrics-port 0)")
 
 
 def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from jetinfer.cleanup import logged
+from jetinfer.errors import SettingsError
 
 __all__ = ["HealthServer"]
 
@@ -46,8 +48,23 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        """Listen (port 0 picks a free port, readable from `.port` afterwards)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        """Listen (port 0 picks a free port, readable from `.port` afterwards).
+
+        A port already taken (another worker on this host) is a `SettingsError` naming
+        `--metrics-port` and the fix, not an OSError's traceback.
+        """
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise SettingsError(
+                    "metrics_port", f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from exc
+            raise SettingsError(
+                "metrics_port",
+                f"port {self.port} on {self.host} is in use (another worker on this host?): give each worker "
+                "its own port, or 0 to serve no /metrics, /healthz and /readyz",
+            ) from None
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("health and metrics on http://%s:%d (/metrics /healthz /readyz)", self.host, self.port)
 

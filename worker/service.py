@@ -23,6 +23,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from jetinfer.cleanup import logged
@@ -44,6 +45,7 @@ from .autoconfig import usable_cores
 from .backends import cuda
 from .backends.base import BackendFactory, BackendOptions, load_backend
 from .health import HealthServer
+from .limits import warn_about_server_limits
 from .metrics import GpuProbe, WorkerMetrics
 from .pipeline import Pipeline
 from .reload import ModelSlot
@@ -74,8 +76,10 @@ class Worker:
         if not self.models:
             raise SettingsError(
                 "model",
-                f"no models found in {settings.repository}; give --model NAME (the worker then waits for its "
-                "first version) or export one with `jetinfer export-demo`",
+                f"no models found in {settings.repository}"
+                + ("" if settings.repository.is_dir() else " (the folder does not exist)")
+                + "; give --model NAME (the worker then waits for its first version) or export one with "
+                "`jetinfer export-demo`",
             )
         self.slots = {
             m: ModelSlot(
@@ -140,10 +144,9 @@ class Worker:
             error_cb=self._refusals.on_error,
         )
         self._js = self._nc.jetstream()
+        warn_about_server_limits(self._nc.max_payload, self.settings)
         await ensure_streams(self._js, self.settings)
         for model in self.models:
-            await register_model(self._js, model, self.settings)
-            await ensure_consumer(self._js, model, self.settings)
             self._subscriptions.append(
                 await self._nc.subscribe(reload_subject(model), cb=self._on_reload_signal)
             )
@@ -155,23 +158,37 @@ class Worker:
             reply_policy=ReplyPolicy.of(self.settings.reply_prefixes, self.settings.nats_inbox_prefix),
         )
         await self.dead_letters.start()
+        if not self.settings.repository.is_dir():
+            logger.warning(
+                "repository folder %s does not exist (yet): waiting for it (a sidecar may create it)",
+                self.settings.repository,
+            )
         for model in self.models:
-            result = await self.slots[model].refresh()
-            if result.status == "refused" or not self.slots[model].ready:
-                logger.warning(
-                    "model %s: no servable version yet (%s); waiting for one", model, result.message
-                )
+            await self.slots[model].refresh()
             await self._ensure_serving(model)
+            if model not in self.servers:
+                # Registered only once loadable: until then clients get unknown_model at once.
+                logger.warning(
+                    "model %s: waiting for a loadable version in %s before registering %s (requests get "
+                    "unknown_model until then); looking again on its reload signal%s",
+                    model,
+                    self.settings.repository / model,
+                    infer_subject(model),
+                    f" and every {self.settings.reload_poll_s:g} s" if self.settings.reload_poll_s else "",
+                )
         if self.settings.reload_poll_s > 0:
             self._background.append(asyncio.create_task(self._poll_repository(), name="reload-poll"))
         self._background.append(asyncio.create_task(self._poll_lag(), name="lag-poll"))
 
     async def _ensure_serving(self, model: str) -> None:
+        """Register `model` (its subject and consumer) and serve it, once a version of it is loaded."""
         async with self._start_lock:
             if model in self.servers or not self.slots[model].ready or self._stopped:
                 return
             assert self._nc is not None
             assert self._js is not None
+            await register_model(self._js, model, self.settings)
+            await ensure_consumer(self._js, model, self.settings)
             server = Pipeline(
                 model=model,
                 nc=self._nc,
@@ -239,7 +256,10 @@ class Worker:
         """Read consumer lag (num_pending + num_ack_pending) and the oldest request's age from the server."""
         assert self._js is not None
         for model in self.models:
-            info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
+            try:
+                info = await self._js.consumer_info(INFER_STREAM, consumer_name(model))
+            except NotFoundError:  # not registered yet: nobody has served a version of it
+                continue
             lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
             self.metrics.consumer_lag.labels(model=model).set(lag)
             age = 0.0

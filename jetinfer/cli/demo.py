@@ -102,7 +102,8 @@ async def _throughput(client: Any, image: bytes, requests: int, concurrency: int
 
     semaphore = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
-    progress = tqdm(total=requests, desc="throughput", unit="img", leave=False, file=sys.stderr)
+    # disable=None: a bar on a terminal only, never carriage returns in a log.
+    progress = tqdm(total=requests, desc="throughput", unit="img", leave=False, file=sys.stderr, disable=None)
 
     async def one() -> None:
         async with semaphore:

@@ -1,0 +1,148 @@
+"""Errors read the same way everywhere: `infer`'s request errors and time-outs, bad files before any round
+trip, output cut short by `| head`, and the worker's start line (issue 16.9)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jetinfer.embedded import free_port
+from tests.conftest import REPO_ROOT, NatsUnderTest, run_cli, running_worker
+
+
+def test_infer_prints_an_error_reply_and_a_timeout_the_same_way(
+    nats_server: NatsUnderTest, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("efficientnet_lite0")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((1, 3, 8, 8), np.float32))  # the model takes 3x224x224
+    right = tmp_path / "right.npy"
+    np.save(right, np.zeros((1, 3, 224, 224), np.float32))
+
+    async def with_worker() -> Any:
+        async with running_worker(nats_server.url, repo, [model]):
+            return await asyncio.to_thread(run_cli, "infer", "--nats-url", nats_server.url, model, str(wrong))
+
+    refused = asyncio.run(with_worker())  # the worker is gone afterwards; its model stays registered
+    timed_out = run_cli("infer", "--nats-url", nats_server.url, "--timeout-s", "1", model, str(right))
+    for result, path, code in ((refused, wrong, "invalid_input"), (timed_out, right, "timeout")):
+        assert result.returncode == 1, result.stderr
+        assert result.stdout == ""
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"jetinfer infer: {path}: error {code}: "), line
+
+
+def test_infer_refuses_bad_files_before_any_round_trip(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    other = tmp_path / "data.csv"
+    other.write_text("1,2,3")
+    unreachable = "nats://127.0.0.1:9"  # a round trip would fail with "cannot connect" instead
+    for path, reason in ((empty, "empty file"), (text, "not a PNG image"), (other, "send .jpg, .jpeg")):
+        result = run_cli("infer", "--nats-url", unreachable, "identity", str(path))
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert str(path) in line
+        assert reason in line, line
+        assert "cannot connect" not in line
+
+
+def test_models_json_into_a_closed_pipe_ends_quietly(demo_repository: Path) -> None:
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "jetinfer.cli", "models", "--repository", str(demo_repository), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    assert reader.stdout is not None
+    reader.stdout.close()  # `| head` that has read enough: the pipe closes before the report is written
+    _, stderr = reader.communicate(timeout=120)
+    assert b"Broken pipe" not in stderr
+    assert b"Traceback" not in stderr
+    assert stderr == b""
+    assert reader.returncode == 141
+
+
+def test_the_start_line_says_what_is_served_and_what_is_waited_for(
+    nats_server: NatsUnderTest, model_repo: Any, unique: str
+) -> None:
+    repo, model = model_repo("identity")
+    missing = f"missing-{unique}"
+    port = free_port()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jetinfer.cli",
+            "serve",
+            "--model",
+            model,
+            "--model",
+            missing,
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(port),
+        ],
+        env={**os.environ, "JETINFER_NATS_URL": nats_server.url, "JETINFER_REPOSITORY": str(repo)},
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = _line_with(worker, "worker ")
+        assert f"serving {model} v1" in line
+        assert f"waiting for a version of {missing}" in line
+        assert f"serving {missing}" not in line
+        assert f"metrics on port {port}" in line
+    finally:
+        _stop(worker)
+    idle = subprocess.Popen(
+        [sys.executable, "-m", "jetinfer.cli", "serve", "--model", missing, "--metrics-port", "0"],
+        env={**os.environ, "JETINFER_NATS_URL": nats_server.url, "JETINFER_REPOSITORY": str(repo)},
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = _line_with(idle, "worker ")
+        assert "serving nothing yet" in line
+        assert "port None" not in line
+        assert "metrics off" in line
+    finally:
+        _stop(idle)
+
+
+def _line_with(process: subprocess.Popen[str], marker: str) -> str:
+    """The first log line of `process` whose message starts with `marker` (its start line)."""
+    assert process.stderr is not None
+    seen = []
+    for _ in range(200):
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if f": {marker}" in line:
+            return line
+    raise AssertionError("no start line:\n" + "".join(seen))
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    assert process.stderr is not None
+    process.stderr.close()
