@@ -51,6 +51,9 @@ class VideoSettings(ProducerSettings):
     every_n: int = setting(1, "keep every n-th frame")
     fps: float | None = setting(None, "keep at most this many frames per second (video files)")
     in_flight: int = setting(64, "frames sent and not yet answered, at most")
+    frames_per_message: int = setting(
+        1, "consecutive frames sent in one message (a BYTES input of encoded images): fewer messages"
+    )
     top_k: int = setting(5, "labels per frame for classifier outputs")
     labels: Path | None = setting(
         None, "label file, one per line", default_text="ImageNet labels for 1000-class outputs"
@@ -64,5 +67,6 @@ class VideoSettings(ProducerSettings):
         require(self.every_n >= 1, "every_n", "must be at least 1")
         require(self.fps is None or self.fps > 0, "fps", "must be above 0")
         require(1 <= self.in_flight <= 100_000, "in_flight", "must be 1..100000")
+        require(1 <= self.frames_per_message <= 256, "frames_per_message", "must be 1..256")
         require(self.top_k >= 1, "top_k", "must be at least 1")
         require(self.labels is None or self.labels.is_file(), "labels", f"no such file: {self.labels}")

@@ -77,7 +77,7 @@ __all__ = ["Client", "Payload", "encode_payload"]
 logger = logging.getLogger(__name__)
 
 #: What `infer` accepts: an array (named `input`), named arrays, encoded image bytes, or an image/.npy path.
-Payload = npt.NDArray[Any] | Mapping[str, npt.ArrayLike] | bytes | Path
+Payload = npt.NDArray[Any] | Mapping[str, npt.ArrayLike] | bytes | Path | list[bytes]
 
 _IMAGE_SUFFIXES = {".jpg": CONTENT_TYPE_JPEG, ".jpeg": CONTENT_TYPE_JPEG, ".png": CONTENT_TYPE_PNG}
 
@@ -97,7 +97,22 @@ def encode_payload(
     input_name: str = "input",
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, str]:
-    """(body, content type) of a request for `payload`."""
+    """(body, content type) of a request for `payload`.
+
+    A list of encoded images (JPEG or PNG bytes) is one request of that many frames: a BYTES input
+    (`images`), answered with outputs of as many rows, in order.
+    """
+    if isinstance(payload, list):
+        if not payload or not all(
+            isinstance(image, bytes | bytearray) and _sniff_image(bytes(image)) for image in payload
+        ):
+            raise InvalidInputError("a list payload holds one or more JPEG or PNG images (bytes)")
+        images = InferRequest(
+            id=request_id,
+            inputs=(Tensor.from_bytes("images", [bytes(image) for image in payload]),),
+            parameters=dict(parameters or {}),
+        )
+        return encode_request(images), CONTENT_TYPE_MSGPACK
     if isinstance(payload, Path):
         suffix = payload.suffix.lower()
         if suffix in _IMAGE_SUFFIXES:

@@ -33,7 +33,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetinfer.cleanup import logged
 from jetinfer.errors import InvalidInputError, JobStalledError
-from jetinfer.protocol import ErrorReply, InferResponse, decode_reply
+from jetinfer.protocol import ErrorReply, InferResponse, Tensor, decode_reply
 from jetinfer.streams import RESULTS_STREAM, require_stream
 
 from .client import Client
@@ -80,16 +80,27 @@ class JobProgress:
     reading_done: bool = False
 
 
-def _frame_id(job: str, index: int, tag: str | None = None) -> str:
-    return f"{job}-{index:08d}" if tag is None else f"{job}-{tag}-{index:08d}"
+def _frame_id(job: str, index: int, tag: str | None = None, count: int = 1) -> str:
+    """`<job>[-<tag>]-<index>`, and `+<count>` for a message of `count` frames from `index` on."""
+    first = f"{job}-{index:08d}" if tag is None else f"{job}-{tag}-{index:08d}"
+    return first if count == 1 else f"{first}+{count}"
 
 
-def _index_of(job: str, request_id: str, tag: str | None = None) -> int | None:
+def _indices_of(job: str, request_id: str, tag: str | None = None) -> range | None:
+    """The frames a reply's request id stands for (None: not this job's)."""
     prefix = f"{job}-" if tag is None else f"{job}-{tag}-"
     if not request_id.startswith(prefix):
         return None
-    digits = request_id[len(prefix) :].split("~", 1)[0]
-    return int(digits) if digits.isdigit() else None
+    first, _, count = request_id[len(prefix) :].split("~", 1)[0].partition("+")
+    if not first.isdigit() or not (count or "1").isdigit():
+        return None
+    return range(int(first), int(first) + int(count or "1"))
+
+
+def _frame_reply(reply: InferResponse, row: int) -> InferResponse:
+    """Frame `row` of a reply to a message of several frames."""
+    outputs = tuple(Tensor.from_numpy(t.name, t.to_numpy()[row : row + 1]) for t in reply.outputs)
+    return InferResponse(reply.id, reply.model_name, reply.model_version, outputs, reply.timing)
 
 
 async def _each(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
@@ -124,7 +135,15 @@ def _ranges(indices: list[int]) -> str:
 class _Job:
     """The state one run of a job shares between its reader/sender task and its in-order results."""
 
-    def __init__(self, client: Client, model: str, job: str, in_flight: int, progress: JobProgress) -> None:
+    def __init__(
+        self,
+        client: Client,
+        model: str,
+        job: str,
+        in_flight: int,
+        progress: JobProgress,
+        per_message: int = 1,
+    ) -> None:
         self.client = client
         self.model = model
         self.job = job
@@ -139,6 +158,11 @@ class _Job:
         self.outstanding: set[int] = set()  # sent, not answered
         self.changed = asyncio.Event()
         self.last_progress = time.monotonic()
+        self.per_message = per_message
+        self.grouped: list[Frame] = []  # read, to be sent together in the next message
+        self.split: set[str] = set()  # request ids of messages whose frames were sent again one by one
+        self.regroup: list[int] = []  # frames of such a message still to be sent alone
+        self.images: dict[int, bytes] = {}  # the images of frames sent in messages of several
 
     async def on_result(self, msg: Any) -> None:
         try:
@@ -146,11 +170,19 @@ class _Job:
         except Exception as exc:
             logger.warning("job %s: unreadable result: %s", self.job, exc)
             return
-        index = _index_of(self.job, reply.id, self.tag)
-        if index is None or index in self.replies:
+        indices = _indices_of(self.job, reply.id, self.tag)
+        if indices is None or all(index in self.replies for index in indices):
             return
-        self.replies[index] = reply
-        self.outstanding.discard(index)
+        if len(indices) > 1 and isinstance(reply, ErrorReply) and reply.id not in self.split:
+            # One bad frame fails its whole message: send its frames again one by one, so only it fails.
+            self.split.add(reply.id)
+            self.regroup.extend(i for i in indices if i in self.outstanding)
+        else:
+            several = len(indices) > 1 and isinstance(reply, InferResponse)
+            for row, index in enumerate(indices):
+                self.replies.setdefault(index, _frame_reply(reply, row) if several else reply)  # type: ignore[arg-type]
+                self.outstanding.discard(index)
+                self.images.pop(index, None)
         self.last_progress = time.monotonic()
         self.changed.set()
 
@@ -189,22 +221,52 @@ class _Job:
                 )
                 self.changed.set()
                 continue
-            while len(self.outstanding) >= self.in_flight:
-                self.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), 1.0)
-            if not self.outstanding:
-                self.last_progress = time.monotonic()  # waiting for a reply starts now
-            self.outstanding.add(frame.index)
-            await self.client.publish(
-                self.model,
-                frame.image,
-                request_id=_frame_id(self.job, frame.index, self.tag),
-                reply_to=self.subject,
-            )
-            self.progress.sent += 1
+            if self.grouped and self.grouped[-1].index + 1 != frame.index:
+                await self._flush()  # a message holds consecutive frames only
+            self.grouped.append(frame)
+            if len(self.grouped) >= self.per_message:
+                await self._flush()
+        await self._flush()
         self.progress.reading_done = True
         self.changed.set()
+        while self.outstanding:  # frames of a failed message, sent again alone
+            await self._resend_alone()
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 1.0)
+
+    async def _flush(self) -> None:
+        """Publish the frames gathered so far, one message (several frames: one BYTES input)."""
+        frames, self.grouped = self.grouped, []
+        if not frames:
+            return
+        while len(self.outstanding) >= self.in_flight:
+            await self._resend_alone()
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 1.0)
+        if not self.outstanding:
+            self.last_progress = time.monotonic()  # waiting for a reply starts now
+        self.outstanding.update(f.index for f in frames)
+        request_id = _frame_id(self.job, frames[0].index, self.tag, len(frames))
+        payload: bytes | list[bytes]
+        if len(frames) == 1:
+            payload = frames[0].image
+        else:
+            payload = [f.image for f in frames]
+            self.images.update((f.index, f.image) for f in frames)
+        await self.client.publish(self.model, payload, request_id=request_id, reply_to=self.subject)
+        self.progress.sent += len(frames)
+
+    async def _resend_alone(self) -> None:
+        """Send the frames of failed several-frame messages again, each alone (new ids: `~a`)."""
+        while self.regroup:
+            index = self.regroup.pop()
+            image = self.images.pop(index, None)
+            if image is None or index in self.replies:
+                continue
+            request_id = _frame_id(self.job, index, self.tag) + "~a"
+            await self.client.publish(self.model, image, request_id=request_id, reply_to=self.subject)
 
     def stalled(self, timeout_s: float) -> JobStalledError | None:
         """The error to stop with when frames wait for replies and none came for `timeout_s`."""
@@ -227,19 +289,22 @@ async def video_job(
     in_flight: int = 64,
     stall_timeout_s: float = 60.0,
     progress: JobProgress | None = None,
+    frames_per_message: int = 1,
 ) -> AsyncIterator[FrameResult]:
     """Run `frames` through `model` as job `job`; yield results in frame order, as they come.
 
     Frames already answered in RESULTS (an earlier run of the same job) are not sent again. When frames
     wait for replies and none comes for `stall_timeout_s`, raises `JobStalledError` (the job resumes
-    when run again). `progress`, where given, is kept up to date.
+    when run again). `progress`, where given, is kept up to date. `frames_per_message` > 1 sends that
+    many consecutive frames in one message (a BYTES input): fewer messages for the same frames; a
+    message that fails is sent again frame by frame, so one bad frame fails alone.
     """
     if not job or any(c in job for c in " .*>"):
         raise InvalidInputError(f"job id {job!r} must be a non-empty token without spaces, '.', '*' or '>'")
-    if in_flight < 1:
-        raise InvalidInputError("in_flight must be at least 1")
+    if in_flight < 1 or frames_per_message < 1:
+        raise InvalidInputError("in_flight and frames_per_message must be at least 1")
     progress = progress if progress is not None else JobProgress()
-    state = _Job(client, model, job, in_flight, progress)
+    state = _Job(client, model, job, max(in_flight, frames_per_message), progress, frames_per_message)
     # Workers create the streams with the deployment's settings; a producer only checks that RESULTS is there.
     await require_stream(
         client.js, RESULTS_STREAM, "start a worker first (it creates INFER, RESULTS and DLQ)"

@@ -119,6 +119,7 @@ async def _video(
                 in_flight=settings.in_flight,
                 stall_timeout_s=settings.timeout_s,
                 progress=progress,
+                frames_per_message=settings.frames_per_message,
             ):
                 lines.append(result_line(result, labels, settings.top_k) + "\n")
                 if result.error is not None:

@@ -68,6 +68,30 @@ async def test_job_in_order_and_a_rerun_sends_only_the_rest(
     assert served == FRAMES, f"the worker ran {served} frames for {FRAMES}: frames were sent twice"
 
 
+async def test_frames_several_to_a_message_are_answered_as_one_by_one(
+    nats_server: NatsUnderTest, model_repo: Any, clip: Path
+) -> None:
+    repo, model = model_repo("efficientnet_lite0")
+    frames = list(read_frames(clip))
+    async with running_worker(nats_server.url, repo, [model]) as worker, Client(nats_server.url) as client:
+        alone = [r async for r in video_job(client, model, frames, job=f"alone-{model}", in_flight=8)]
+        before = answered(worker, model)
+        grouped = [
+            r
+            async for r in video_job(
+                client, model, frames, job=f"grouped-{model}", in_flight=16, frames_per_message=8
+            )
+        ]
+        messages = answered(worker, model) - before
+    assert [r.index for r in grouped] == list(range(FRAMES))
+    assert messages == FRAMES // 8, f"{FRAMES} frames in {messages} messages"
+    for one, several in zip(alone, grouped, strict=True):
+        assert one.reply is not None
+        assert several.reply is not None
+        np.testing.assert_allclose(several.reply.output(), one.reply.output(), rtol=1e-4, atol=1e-4)
+        assert several.reply.output().shape == (1, 1000)
+
+
 def test_cli_writes_one_line_per_frame_in_order(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
 ) -> None:
@@ -165,8 +189,9 @@ def test_video_with_nobody_serving_ends_within_its_timeout_and_a_rerun_resumes(
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == list(range(10))
 
 
+@pytest.mark.parametrize("per_message", [1, 4])
 def test_one_bad_file_is_one_error_line_naming_it_and_the_job_goes_on(
-    nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
+    nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path, per_message: int
 ) -> None:
     import asyncio
 
@@ -191,6 +216,8 @@ def test_one_bad_file_is_one_error_line_naming_it_and_the_job_goes_on(
                 str(out),
                 "--nats-url",
                 nats_server.url,
+                "--frames-per-message",
+                str(per_message),
             )
 
     result = asyncio.run(run())

@@ -55,7 +55,12 @@ class BatchFormer:
         loop = asyncio.get_running_loop()
         cpu_images, tensor_bytes = self._work(msgs)
         if cpu_images == 0 and tensor_bytes <= INLINE_TENSOR_BYTES:
-            return self._form_here(msgs, config, max_batch)
+            prepared = self._prepare(msgs, config, max_batch, decode=False)
+            if any(self._decodes(request) for request in prepared):  # images inside msgpack (BYTES)
+                return await loop.run_in_executor(
+                    self._pool, self._decode_and_batch, prepared, config, max_batch
+                )
+            return make_batches(prepared, max_batch), [r for r in prepared if r.error is not None]
         if cpu_images < 2 or self._threads < 2:
             return await loop.run_in_executor(self._pool, self._form_here, msgs, config, max_batch)
         size = -(-len(msgs) // min(self._threads, len(msgs)))
@@ -78,22 +83,35 @@ class BatchFormer:
                 cpu_images += 1
         return cpu_images, tensor_bytes
 
-    def _prepare(self, msgs: Sequence[Msg], config: ModelConfig, max_batch: int) -> list[PreparedRequest]:
-        """Prepare each message and decode the images the strategy decodes on the CPU (in this thread)."""
-        strategy = self._preprocessing
+    def _decodes(self, request: PreparedRequest) -> bool:
+        """Whether `request` has images the strategy decodes on the CPU."""
+        return (
+            bool(request.encoded)
+            and request.error is None
+            and not self._preprocessing.keeps_encoded(request.content_type, request.encoded[0])
+        )
+
+    def _prepare(
+        self, msgs: Sequence[Msg], config: ModelConfig, max_batch: int, *, decode: bool = True
+    ) -> list[PreparedRequest]:
+        """Prepare each message and (with `decode`) decode the images the strategy decodes on the CPU."""
         prepared = []
         for msg in msgs:
             request = prepare_request(
                 msg, config, max_batch=max_batch, limits=self._limits, reply_policy=self._reply_policy
             )
-            if (
-                request.encoded
-                and request.error is None
-                and not strategy.keeps_encoded(request.content_type, request.encoded[0])
-            ):
-                strategy.decode_request(request, config)
+            if decode and self._decodes(request):
+                self._preprocessing.decode_request(request, config)
             prepared.append(request)
         return prepared
+
+    def _decode_and_batch(
+        self, prepared: list[PreparedRequest], config: ModelConfig, max_batch: int
+    ) -> Formed:
+        for request in prepared:
+            if self._decodes(request):
+                self._preprocessing.decode_request(request, config)
+        return make_batches(prepared, max_batch), [r for r in prepared if r.error is not None]
 
     def _form_here(self, msgs: Sequence[Msg], config: ModelConfig, max_batch: int) -> Formed:
         prepared = self._prepare(msgs, config, max_batch)

@@ -25,6 +25,8 @@ from jetinfer.errors import (
     TooLargeError,
 )
 from jetinfer.protocol import (
+    BYTES,
+    CONTENT_TYPE_JPEG,
     CONTENT_TYPE_MSGPACK,
     HEADER_CONTENT_TYPE,
     HEADER_DEADLINE,
@@ -33,6 +35,7 @@ from jetinfer.protocol import (
     IMAGE_CONTENT_TYPES,
     MAX_ID_LENGTH,
     Limits,
+    Tensor,
     decode_request,
 )
 from jetinfer.repository import ModelConfig
@@ -41,6 +44,7 @@ from .intake import delivery_info
 from .reply_policy import ReplyPolicy
 
 __all__ = [
+    "CONTENT_TYPE_IMAGES",
     "PreparedRequest",
     "check_deadline",
     "is_jpeg",
@@ -51,6 +55,8 @@ __all__ = [
 
 _REPLY_SUBJECT: Final = re.compile(r"[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*")
 _DEFAULT_REPLY_POLICY: Final = ReplyPolicy()
+#: The content type of a request of several encoded images (BYTES) not all of them JPEGs.
+CONTENT_TYPE_IMAGES: Final = "image/*"
 
 
 @dataclass(slots=True, eq=False)
@@ -176,6 +182,9 @@ def prepare_request(
             if decoded.id != request_id and request_id:
                 raise InvalidInputError(f"body id {decoded.id!r} differs from {HEADER_MSG_ID} {request_id!r}")
             request.request_id = decoded.id
+            if any(tensor.datatype == BYTES for tensor in decoded.inputs):
+                _take_images(request, decoded.inputs, config, max_batch)
+                return _finish(request, msg)
             wanted = {spec.name: spec.datatype for spec in config.inputs}
             for tensor in decoded.inputs:
                 if tensor.name in wanted and tensor.datatype != wanted[tensor.name]:
@@ -195,11 +204,41 @@ def prepare_request(
         request.error = exc
     except Exception as exc:  # never let a malformed request escape as a crash
         request.error = InvalidInputError(f"cannot read request: {type(exc).__name__}: {exc}")
+    return _finish(request, msg)
+
+
+def _finish(request: PreparedRequest, msg: Msg) -> PreparedRequest:
+    """A request without an id is refused (and named by its stream sequence)."""
     if not request.request_id:
         request.request_id = _sequence_id(msg)
         if request.error is None:
             request.error = InvalidInputError(f"request has no id: set the {HEADER_MSG_ID} header")
     return request
+
+
+def _take_images(
+    request: PreparedRequest, tensors: tuple[Tensor, ...], config: ModelConfig, max_batch: int
+) -> None:
+    """Several encoded images in one message: a single BYTES input of an image model, a frame each."""
+    if config.preprocess is None:
+        raise InvalidInputError(f"model {config.name} takes tensors, not BYTES (encoded images)")
+    if len(tensors) != 1:
+        raise InvalidInputError("a request of encoded images (BYTES) carries that one input and no other")
+    images = tuple(tensors[0].elements())
+    if not images:
+        raise InvalidInputError("a request needs at least one frame (a BYTES input of one image or more)")
+    if len(images) > max_batch:
+        raise TooLargeError(
+            f"request carries {len(images)} images; model {config.name} takes at most {max_batch}"
+        )
+    if not all(images):
+        raise InvalidInputError(f"image {images.index(b'')} of the request is empty")
+    # JPEGs may stay encoded for the GPU decoder; a mix is decoded like the PNGs.
+    request.content_type = (
+        CONTENT_TYPE_JPEG if all(is_jpeg(image) for image in images) else CONTENT_TYPE_IMAGES
+    )
+    request.encoded = images
+    request.frames = len(images)
 
 
 def unprepared(msg: Msg) -> PreparedRequest:
