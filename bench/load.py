@@ -47,7 +47,7 @@ from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelRepository
 from jetinfer.settings import ConnectionSettings, add_arguments, load_settings
 
-from .settings import BenchSettings
+from .settings import BenchSettings, parse_cpus
 
 __all__ = [
     "BenchPoint",
@@ -460,11 +460,16 @@ async def embedded_stack(
     worker_args: Sequence[str],
     workers: int = 1,
     devices: Sequence[int] = (),
+    worker_cpus: set[int] | None = None,
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls).
 
     With `devices`, worker i runs on GPU `devices[i % len(devices)]` (one worker per GPU: `--devices 0,1`).
+    With `worker_cpus`, the workers run on those CPUs alone (as a pod's CPU limit would have them), and
+    this process, nats-server and the load generators on the others.
     """
+    if worker_cpus:
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - worker_cpus)  # children inherit it
     async with EmbeddedNatsServer() as server:
         processes: list[subprocess.Popen[bytes]] = []
         metrics_urls: list[str] = []
@@ -506,7 +511,8 @@ async def embedded_stack(
                         *worker_args,
                     ]
                 # In a group of its own that dies with the bench, even on kill -9 (jetinfer.children).
-                process = await asyncio.to_thread(spawn, command, stdout=subprocess.PIPE, stderr=None)
+                pin = {"preexec_fn": lambda: os.sched_setaffinity(0, worker_cpus)} if worker_cpus else {}
+                process = await asyncio.to_thread(spawn, command, stdout=subprocess.PIPE, stderr=None, **pin)
                 processes.append(process)
                 if bare:
                     assert process.stdout is not None
@@ -748,6 +754,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                     worker_args=settings.worker_arg or [],
                     workers=settings.workers,
                     devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
+                    worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
                 ) as (url, metrics_urls):
                     embedded = ConnectionSettings(nats_url=url)
                     measured = await _run_levels(settings, embedded, metrics_urls, payload, frames, mode)

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jetinfer.errors import SettingsError
 from jetinfer.settings import ConnectionSettings, require, setting
 
-__all__ = ["PAYLOADS", "BenchSettings", "EngineBenchSettings"]
+__all__ = ["PAYLOADS", "BenchSettings", "EngineBenchSettings", "parse_cpus"]
 
 PAYLOADS = ("jpeg", "tensor")
+
+
+def parse_cpus(text: str) -> set[int]:
+    """`0-3,8` -> {0, 1, 2, 3, 8} (taskset's list form). Raises ValueError naming the bad part."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"{part!r} is not a CPU number or range such as 0-11")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 @dataclass(kw_only=True)
@@ -28,6 +41,12 @@ class BenchSettings(ConnectionSettings):
         None, "model repository (with --embedded)", default_text="the demo cache with --embedded"
     )
     model: str = setting("efficientnet_lite0", "model to load")
+    worker_cpus: str | None = setting(
+        None,
+        "with --embedded: the CPUs the workers may use, e.g. 0-11 (as a pod's CPU limit gives them); "
+        "nats-server and the load run on the others",
+        default_text="all, shared with the load",
+    )
     worker_arg: list[str] = setting(
         [],
         "extra `jetinfer serve` argument for the embedded worker, e.g. --worker-arg=--max-wait-ms=2 "
@@ -105,6 +124,16 @@ class BenchSettings(ConnectionSettings):
                 all(p.strip().isdigit() and int(p) > 0 for p in parts),
                 "shape",
                 f"{self.shape!r} must be positive integers separated by commas, e.g. 3,224,224",
+            )
+        if self.worker_cpus is not None:
+            require(self.embedded, "worker_cpus", "pinning the workers needs --embedded")
+            try:
+                cpus = parse_cpus(self.worker_cpus)
+            except ValueError as exc:
+                raise SettingsError("worker_cpus", str(exc)) from None
+            rest = set(os.sched_getaffinity(0)) - cpus
+            require(
+                bool(cpus) and bool(rest), "worker_cpus", "leave the load at least one CPU of this machine's"
             )
         if self.devices is not None:
             require(

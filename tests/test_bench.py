@@ -293,3 +293,19 @@ def test_kill_9_of_an_embedded_bench_takes_its_children_and_temp_folder_along(de
         for pid in children:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_cpus_are_a_taskset_list_and_leave_the_load_a_cpu() -> None:
+    import os
+
+    from jetinfer.bench.settings import BenchSettings, parse_cpus
+    from jetinfer.errors import SettingsError
+
+    assert parse_cpus("0-3,8") == {0, 1, 2, 3, 8}
+    with pytest.raises(ValueError, match="'x'"):
+        parse_cpus("0,x")
+    every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    with pytest.raises(SettingsError, match="worker_cpus"):
+        BenchSettings(embedded=True, worker_cpus=every)
+    with pytest.raises(SettingsError, match="--embedded"):
+        BenchSettings(worker_cpus="0")

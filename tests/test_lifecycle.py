@@ -490,3 +490,16 @@ async def test_shutdown_stops_fetching_gives_back_the_unstarted_and_answers_the_
 def test_the_fake_message_body_is_a_real_request() -> None:
     body = msgpack.unpackb(FakeMsg(Log(), 1).data)
     assert body["id"] == "r1"
+
+
+def test_gpu_decode_lanes_sit_beside_the_process_lanes() -> None:
+    tools = GpuTools(normaliser=NoGpu, jpeg_decoder=NoGpu, processes=NoGpu)  # type: ignore[arg-type]
+    flags = {"decode_processes": 4, "gpu_decode": True, "gpu_decode_lanes": 1}
+    the_plan = plan(settings(**flags), IMAGE_MODEL, on_gpu=True, cores=8, cores_why="test")
+    strategy = choose_preprocessing(the_plan, settings(**flags), IMAGE_MODEL, 8, tools)
+    try:
+        assert type(strategy) is ProcessDecoding
+        assert strategy.lanes == 3
+        assert "1 more lane(s) decoding JPEG batches on the GPU" in strategy.describe()
+    finally:
+        strategy.close()

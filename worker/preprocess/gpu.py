@@ -286,7 +286,9 @@ class GpuDecode(GpuPreprocessing):
 class ProcessDecoding(GpuPreprocessing):
     """Images decoded in spawned processes into page-locked shared memory, copied to the GPU and
     normalised there (`--decode-processes N`, shared among the lanes); with `--gpu-decode` too, batches
-    of up to `GPU_DECODE_UP_TO` JPEGs decode on the GPU instead (a lone request's latency)."""
+    of up to `GPU_DECODE_UP_TO` JPEGs decode on the GPU instead (a lone request's latency), and
+    `gpu_lanes` more lanes decode whole JPEG batches on the GPU beside the processes' lanes (where the
+    engine is light and the CPU's decoding is the limit: a batch goes to whichever lane is free)."""
 
     name = "decode-processes"
 
@@ -301,6 +303,7 @@ class ProcessDecoding(GpuPreprocessing):
         nvimgcodec: bool,
         tools: GpuTools,
         lanes: int = 1,
+        gpu_lanes: int = 0,
     ) -> None:
         lanes = max(1, min(lanes, processes))
         shares = [processes // lanes + (1 if i < processes % lanes else 0) for i in range(lanes)]
@@ -317,6 +320,10 @@ class ProcessDecoding(GpuPreprocessing):
                 )
                 made.append(lane)
                 lane.with_processes(share)
+            for _ in range(gpu_lanes):
+                made.append(
+                    _Lane(tools, preprocess, device, max_frames, jpeg_decoder=True, nvimgcodec=nvimgcodec)
+                )
         except BaseException:
             for lane in made:
                 lane.close()
@@ -331,22 +338,24 @@ class ProcessDecoding(GpuPreprocessing):
 
     def make_encoded(self, lane: _Lane, images: list[bytes], preprocess: PreprocessConfig) -> Any:
         """Decode in the lane's processes into shared memory (a few JPEGs on the GPU), normalise there."""
-        if self._small_on_gpu and len(images) <= GPU_DECODE_UP_TO and all(is_jpeg(image) for image in images):
+        jpegs = all(is_jpeg(image) for image in images)
+        if jpegs and (lane.processes is None or (self._small_on_gpu and len(images) <= GPU_DECODE_UP_TO)):
             return lane.decoder(preprocess).decode(images)
         normaliser = lane.normaliser(preprocess)
-        assert lane.processes is not None, "every lane of this strategy has processes"
-        if lane.processes.fits(len(images), preprocess):
+        if lane.processes is not None and lane.processes.fits(len(images), preprocess):
             with lane.processes.decode(images, preprocess) as shared:
                 return normaliser.from_pixels(shared)
-        # A reload raised max_batch or the image size past the shared block: decode here this time.
+        # A GPU lane's PNGs, or a reload raised max_batch or the image size past the shared block: here.
         return normaliser.from_pixels(np.concatenate([decode_pixels(image, preprocess) for image in images]))
 
     def describe(self) -> str:
         """What decodes where."""
         small = f"; up to {GPU_DECODE_UP_TO} JPEGs on the GPU" if self._small_on_gpu else ""
-        pinned = ", page-locked" if all(lane.pinned for lane in self._lanes) else ""
+        process_lanes = [lane for lane in self._lanes if lane.processes is not None]
+        pinned = ", page-locked" if all(lane.pinned for lane in process_lanes) else ""
+        gpu = len(self._lanes) - len(process_lanes)
+        beside = f"; {gpu} more lane(s) decoding JPEG batches on the GPU" if gpu else ""
         return (
-            f"images decoded in {self._processes} processes ({self.lanes} lane(s)) into shared "
-            f"memory{pinned}, "
-            f"normalised on the GPU{small}"
+            f"images decoded in {self._processes} processes ({len(process_lanes)} lane(s)) into shared "
+            f"memory{pinned}, normalised on the GPU{small}{beside}"
         )
