@@ -461,6 +461,7 @@ async def embedded_stack(
     workers: int = 1,
     devices: Sequence[int] = (),
     worker_cpus: set[int] | None = None,
+    worker_log_level: str = "WARNING",
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls).
 
@@ -493,7 +494,7 @@ async def embedded_stack(
                         "-m",
                         "jetinfer.cli",
                         "--log-level",
-                        "WARNING",
+                        worker_log_level,
                         "serve",
                         "--nats-url",
                         server.url,
@@ -755,6 +756,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                     workers=settings.workers,
                     devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
                     worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
+                    worker_log_level=settings.worker_log_level,
                 ) as (url, metrics_urls):
                     embedded = ConnectionSettings(nats_url=url)
                     measured = await _run_levels(settings, embedded, metrics_urls, payload, frames, mode)

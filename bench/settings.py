@@ -41,6 +41,9 @@ class BenchSettings(ConnectionSettings):
         None, "model repository (with --embedded)", default_text="the demo cache with --embedded"
     )
     model: str = setting("efficientnet_lite0", "model to load")
+    worker_log_level: str = setting(
+        "WARNING", "with --embedded: the workers' log level (INFO shows what each chose at start)"
+    )
     worker_cpus: str | None = setting(
         None,
         "with --embedded: the CPUs the workers may use, e.g. 0-11 (as a pod's CPU limit gives them); "
@@ -125,6 +128,8 @@ class BenchSettings(ConnectionSettings):
                 "shape",
                 f"{self.shape!r} must be positive integers separated by commas, e.g. 3,224,224",
             )
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        require(self.worker_log_level in levels, "worker_log_level", f"must be one of {', '.join(levels)}")
         if self.worker_cpus is not None:
             require(self.embedded, "worker_cpus", "pinning the workers needs --embedded")
             try:
