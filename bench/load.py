@@ -348,7 +348,10 @@ def _cat_jpeg(size: int | None) -> bytes:
 def make_payload(settings: BenchSettings, repository: Path | None) -> tuple[Payload, int]:
     """(payload, frames per request) for the chosen kind."""
     if settings.payload == "jpeg":
-        return (settings.image.read_bytes() if settings.image else _cat_jpeg(settings.image_size)), 1
+        image = settings.image.read_bytes() if settings.image else _cat_jpeg(settings.image_size)
+        if settings.frames > 1:  # several JPEGs in one message: a BYTES input, a frame each
+            return [image] * settings.frames, settings.frames
+        return image, 1
     shape: list[int] | None = None
     datatype = "FP32"
     if settings.shape:

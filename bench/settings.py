@@ -83,7 +83,7 @@ class BenchSettings(ConnectionSettings):
     payload: str = setting("jpeg", f"what each request carries: {' or '.join(PAYLOADS)}")
     image: Path | None = setting(None, "JPEG to send", default_text="the cat photo")
     image_size: int = setting(224, "resize the default photo to this square")
-    frames: int = setting(1, "tensor payloads: frames per message")
+    frames: int = setting(1, "frames per message (jpeg: that many JPEGs in one message, a BYTES input)")
     shape: str | None = setting(
         None,
         "tensor payloads: per-frame shape, e.g. 3,224,224",

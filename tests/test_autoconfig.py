@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
-from jetinfer.worker.autoconfig import GPU_RESERVED_CORES, plan, usable_cores
+from jetinfer.worker.autoconfig import GPU_RESERVED_CORES, Rates, plan, probe_rates, usable_cores
 from jetinfer.worker.settings import WorkerSettings
 
 TENSORS = ModelConfig(
@@ -102,3 +103,36 @@ def test_a_cpu_backend_or_a_tensor_model_decodes_on_threads_sized_to_the_cores(
     assert chosen.pipeline_depth == 1
     assert chosen.gil_switch_ms == 0.0
     assert plan(settings(decode_workers=5), model, on_gpu=on_gpu, cores=3, cores_why="t").decode_threads == 5
+
+
+@pytest.mark.parametrize(("engine", "lanes"), [(5_000.0, 0), (10_000.0, 1), (30_000.0, 2)])
+def test_gpu_decode_lanes_are_added_where_the_processes_cannot_keep_up(engine: float, lanes: int) -> None:
+    rates = Rates(engine=engine, decode_per_process=1_500.0)  # 8 processes decode about 7,200 img/s
+    gpu = {"gpu_decode": True, "gpu_normalise": True}  # as where torchvision is installed
+    chosen = plan(settings(**gpu), IMAGES, on_gpu=True, cores=10, cores_why="test", rates=rates)
+    assert chosen.decode_processes == 8
+    assert chosen.gpu_lanes == lanes
+    assert chosen.pipeline_depth == 2 + lanes
+    assert f"{lanes} lane(s) decoding JPEG batches on the GPU" in chosen.describe()
+    assert (
+        plan(
+            settings(gpu_decode_lanes=0), IMAGES, on_gpu=True, cores=10, cores_why="t", rates=rates
+        ).gpu_lanes
+        == 0
+    )
+
+
+def test_the_rates_are_measured_on_the_engine_and_a_jpeg_of_the_models_size() -> None:
+    class Engine:
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, ...]] = []
+
+        def infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
+            self.batches.append(inputs["input"].shape)
+            return {}
+
+    engine = Engine()
+    rates = probe_rates(engine, IMAGES, 16)  # type: ignore[arg-type]
+    assert engine.batches == [(16, 3, 8, 8)] * 3
+    assert rates.engine > 0
+    assert rates.decode_per_process > 0

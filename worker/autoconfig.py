@@ -18,16 +18,25 @@ is the one log line that says what was chosen and why.
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from jetinfer.images import decode_pixels
+from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelConfig
 
+from .backends.base import Backend
 from .settings import WorkerSettings
 
-__all__ = ["Plan", "plan", "usable_cores"]
+__all__ = ["Plan", "Rates", "plan", "probe_rates", "usable_cores"]
 
 #: Cores a GPU worker keeps for its event loop and the threads that feed the GPU (not for decoding).
 GPU_RESERVED_CORES = 2
@@ -35,6 +44,18 @@ GPU_RESERVED_CORES = 2
 GPU_LANES = 2
 #: The GIL switch interval a GPU worker uses (Python's default is 5 ms).
 GPU_GIL_SWITCH_MS = 1.0
+#: The share of one process's decoding rate (measured alone) that each decoding process gives under load
+#: (on the H200 machine, 8 processes on 10 cores decoded about 6.5k img/s; docs/benchmarks.md).
+DECODE_EFFICIENCY = 0.6
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the worker measured at start: the engine's images/s at max_batch, and one process's
+    images/s decoding the model's input (a JPEG of its size)."""
+
+    engine: float
+    decode_per_process: float
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
@@ -72,6 +93,7 @@ class Plan:
     gpu_normalise: bool
     decode_processes: int
     lanes: int
+    gpu_lanes: int
     decode_threads: int
     pipeline_depth: int
     gil_switch_ms: float  # 0: leave Python's
@@ -82,8 +104,17 @@ class Plan:
         return "; ".join(self.reasons)
 
 
-def plan(settings: WorkerSettings, config: ModelConfig, *, on_gpu: bool, cores: int, cores_why: str) -> Plan:
-    """The choices for a model with `config` whose backend runs on a GPU (`on_gpu`) or not."""
+def plan(
+    settings: WorkerSettings,
+    config: ModelConfig,
+    *,
+    on_gpu: bool,
+    cores: int,
+    cores_why: str,
+    rates: Rates | None = None,
+) -> Plan:
+    """The choices for a model with `config` whose backend runs on a GPU (`on_gpu`) or not; `rates`,
+    where measured, says whether the decoding processes can keep up with the engine."""
     reasons = [f"{cores} cores ({cores_why})"]
     images = config.preprocess is not None
     threads = settings.decode_workers or cores
@@ -95,6 +126,7 @@ def plan(settings: WorkerSettings, config: ModelConfig, *, on_gpu: bool, cores: 
             gpu_normalise=bool(settings.gpu_normalise),
             decode_processes=settings.decode_processes or 0,
             lanes=settings.preprocess_lanes or 1,
+            gpu_lanes=settings.gpu_decode_lanes or 0,
             decode_threads=threads,
             pipeline_depth=settings.pipeline_depth or 1,
             gil_switch_ms=settings.gil_switch_ms or 0.0,
@@ -118,7 +150,17 @@ def plan(settings: WorkerSettings, config: ModelConfig, *, on_gpu: bool, cores: 
         gpu_decode = importlib.util.find_spec("torchvision") is not None
         reasons.append("small JPEG batches on the GPU" if gpu_decode else "no torchvision: JPEGs on the CPU")
     lanes = settings.preprocess_lanes or (GPU_LANES if processes >= GPU_LANES or not processes else 1)
-    depth = settings.pipeline_depth or lanes
+    gpu_lanes = settings.gpu_decode_lanes
+    if gpu_lanes is None:
+        gpu_lanes = 0
+        if rates is not None and processes and gpu_decode:
+            decoding = processes * rates.decode_per_process * DECODE_EFFICIENCY
+            gpu_lanes = 2 if 2 * decoding < rates.engine else 1 if decoding < rates.engine else 0
+            reasons.append(
+                f"engine {rates.engine:,.0f} img/s, {processes} processes decode about {decoding:,.0f}: "
+                f"{gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
+            )
+    depth = settings.pipeline_depth or lanes + gpu_lanes
     switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
     reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")
     return Plan(
@@ -126,8 +168,44 @@ def plan(settings: WorkerSettings, config: ModelConfig, *, on_gpu: bool, cores: 
         gpu_normalise=gpu_normalise or processes > 0,
         decode_processes=processes,
         lanes=lanes,
+        gpu_lanes=gpu_lanes,
         decode_threads=threads,
         pipeline_depth=depth,
         gil_switch_ms=switch,
         reasons=tuple(reasons),
     )
+
+
+def probe_rates(backend: Backend, config: ModelConfig, max_batch: int) -> Rates:
+    """Time the engine on a batch of zeros at `max_batch` (best of three) and this process decoding a
+    JPEG of the model's input size (best of 20). Blocking: a few hundred milliseconds."""
+    assert config.preprocess is not None, "rates are for image models"
+    batch = {
+        spec.name: np.zeros(
+            (max_batch, *[d if d > 0 else 1 for d in spec.shape]), dtype=DATATYPES[spec.datatype]
+        )
+        for spec in config.inputs
+    }
+    engine = min(_timed(lambda: backend.infer(batch)) for _ in range(3))
+    probe = _probe_jpeg(config.preprocess.width, config.preprocess.height)
+    decode = min(_timed(lambda: decode_pixels(probe, config.preprocess)) for _ in range(20))  # type: ignore[arg-type]
+    return Rates(engine=max_batch / engine, decode_per_process=1.0 / decode)
+
+
+def _timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return max(1e-9, time.perf_counter() - started)
+
+
+def _probe_jpeg(width: int, height: int) -> bytes:
+    """A photo-like JPEG (smooth gradients and noise) of width x height, quality 90."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack(
+        [x * 255 // max(1, width), y * 255 // max(1, height), (x + y) * 127 // max(1, width)], -1
+    )
+    pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

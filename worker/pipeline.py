@@ -34,7 +34,7 @@ from jetinfer.errors import BackendError
 from jetinfer.protocol import Limits
 from jetinfer.streams import INFER_STREAM, consumer_name
 
-from .autoconfig import Plan, plan
+from .autoconfig import Plan, plan, probe_rates
 from .batcher import Batch
 from .forming import BatchFormer
 from .intake import Intake, PullConsumer
@@ -133,12 +133,13 @@ class Pipeline:
         current = self._slot.current
         assert current is not None, "a pipeline starts once its model has a version"
         cores, why = self._cores
+        on_gpu = current.backend.accepts_device_tensors
+        rates = None
+        if on_gpu and current.config.preprocess is not None and self._settings.gpu_decode_lanes is None:
+            # Whether the decoding processes can keep up with the engine: measured, not guessed.
+            rates = await asyncio.to_thread(probe_rates, current.backend, current.config, self.max_batch)
         the_plan = self.plan = plan(
-            self._settings,
-            current.config,
-            on_gpu=current.backend.accepts_device_tensors,
-            cores=cores,
-            cores_why=why,
+            self._settings, current.config, on_gpu=on_gpu, cores=cores, cores_why=why, rates=rates
         )
         if the_plan.gil_switch_ms:
             sys.setswitchinterval(

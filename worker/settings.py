@@ -118,10 +118,11 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         "batches made on the GPU at once, each with its own CUDA stream and share of the decoding "
         "processes (default: chosen at start: 2 on a GPU)",
     )
-    gpu_decode_lanes: int = setting(
-        0,
+    gpu_decode_lanes: int | None = setting(
+        None,
         "with decoding processes: lanes that decode whole JPEG batches on the GPU beside the processes' "
-        "lanes (a light engine the CPU's decoding cannot keep up with; they take GPU time from the model)",
+        "lanes, for an engine the CPU's decoding cannot keep up with (they take GPU time from the model) "
+        "(default: chosen at start, from the engine's and one process's measured images/s)",
     )
     gil_switch_ms: float | None = setting(
         None,
@@ -183,7 +184,11 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
             "preprocess_lanes",
             "must be 1..8",
         )
-        require(0 <= self.gpu_decode_lanes <= 8, "gpu_decode_lanes", "must be 0..8")
+        require(
+            self.gpu_decode_lanes is None or 0 <= self.gpu_decode_lanes <= 8,
+            "gpu_decode_lanes",
+            "must be 0..8",
+        )
         require(
             self.gil_switch_ms is None or self.gil_switch_ms == 0 or 0.05 <= self.gil_switch_ms <= 100,
             "gil_switch_ms",

@@ -8,9 +8,12 @@
 # file into OUTDIR/results.tar.gz (the device tool brings back a few files only).
 #
 # The workers run on WORKER_CPUS (default 0-9, as a pod's CPU limit would give them); nats-server and
-# CLIENTS load processes (default 6) on the other cores. Wheels: .whl/ (bench/gpu/fetch_wheels.sh).
+# CLIENTS load processes (default 6) on the other cores. The trivial model's requests carry LIGHT_FRAMES
+# JPEGs each (default 8: a batch job's messages, a BYTES input). QUICK=1 leaves out the gpu tests, the
+# asyncio and explicit GPU-lane variants and the profile. Wheels: .whl/ (bench/gpu/fetch_wheels.sh).
 set -uo pipefail
-OUT=${1:-${OUT:-/tmp/jetinfer-one-per-gpu}}
+RESULTS=${1:-${OUT:-/tmp/jetinfer-one-per-gpu}}
+OUT=$RESULTS/data
 mkdir -p "$OUT"
 export TQDM_DISABLE=1
 PY=python3
@@ -27,7 +30,7 @@ export PATH=/tmp/site/bin:$PATH
   $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])'; } | tee "$OUT/gpu.txt"
 
 step "gpu tests (in the background while the models build)"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
+if [ "${QUICK:-0}" != 1 ]; then
     $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py tests/test_gpu_decode.py \
         tests/test_decode_processes.py tests/test_own_model.py > "$OUT/gpu-tests.txt" 2>&1 &
     tests=$!
@@ -64,19 +67,27 @@ step "resnet50: one worker, no flags (>= 100k requests), two tuned workers, vari
 e2e resnet50 default1 1 "${LONG:-12}"
 e2e resnet50 tuned2 2 6 "${TUNED[@]}"
 e2e resnet50 default1-again 1 6
-e2e resnet50 asyncio1 1 6 --worker-arg=--event-loop=asyncio
-e2e resnet50 gpulane1 1 6 --worker-arg=--gpu-decode-lanes=1
+if [ "${QUICK:-0}" != 1 ]; then
+    e2e resnet50 asyncio1 1 6 --worker-arg=--event-loop=asyncio
+    e2e resnet50 gpulane1 1 6 --worker-arg=--gpu-decode-lanes=1
+fi
 
-step "trivial model: one worker, no flags; with a GPU decode lane; every JPEG on the GPU"
-e2e trivial default1 1 6
-e2e trivial gpulane1 1 6 --worker-arg=--gpu-decode-lanes=1
-e2e trivial gpudecode1 1 6 --worker-arg=--gpu-decode
+step "trivial model, ${LIGHT_FRAMES:=8} JPEGs a message: one worker, no flags; every JPEG on the GPU"
+e2e trivial default1 1 6 --frames "$LIGHT_FRAMES"
+[ "${QUICK:-0}" = 1 ] || e2e trivial gpulane1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode-lanes=1
+e2e trivial gpudecode1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode
 
-step "idle: one JPEG at a time, one worker, no flags"
-$PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
-    --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --worker-cpus "$CPUS" \
-    --json "$OUT/e2e-resnet50-idle.json" --worker-arg=--lag-poll-s=1 > /dev/null 2> "$OUT/err-idle.txt"
+step "idle: one JPEG at a time, one worker, no flags (a lone JPEG on the GPU), then decoded on the CPU"
+for variant in idle idle-cpu; do
+    extra=()
+    [ "$variant" = idle-cpu ] && extra=(--worker-arg=--no-gpu-decode)
+    $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
+        --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --worker-cpus "$CPUS" \
+        --json "$OUT/e2e-resnet50-$variant.json" --worker-arg=--lag-poll-s=1 "${extra[@]}" > /dev/null \
+        2> "$OUT/err-$variant.txt"
+done
 
+if [ "${QUICK:-0}" != 1 ]; then
 step "profile: one worker, no flags, under load (py-spy, per-thread CPU)"
 $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
     --concurrency 1024 --clients "$CLIENTS" --workers 1 --worker-cpus "$CPUS" --duration-s 14 --warmup-s 3 \
@@ -94,9 +105,10 @@ if [ -n "$pid" ]; then
     top -b -n 1 | head -30 > "$OUT/top.txt"
 fi
 wait $bench
+fi
 
 step summary
 $PY bench/gpu/summarize.py "$OUT" | tee "$OUT/summary.txt"
-$PY bench/gpu/profile_summary.py "$OUT" | tee -a "$OUT/summary.txt"
+[ -f "$OUT/profile.txt" ] && $PY bench/gpu/profile_summary.py "$OUT" | tee -a "$OUT/summary.txt"
 grep -h "chosen from" "$OUT"/err-*-default1.txt 2>/dev/null | sed 's/^.*serving from/serving from/' | head -2
-tar -czf /tmp/results.tar.gz -C "$OUT" . && mv /tmp/results.tar.gz "$OUT/results.tar.gz"
+tar -czf "$RESULTS/results.tar.gz" -C "$OUT" .

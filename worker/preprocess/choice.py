@@ -40,7 +40,7 @@ def choose_preprocessing(
                 processes=plan.decode_processes,
                 small_batches_on_gpu=plan.gpu_decode,
                 nvimgcodec=settings.nvimgcodec,
-                gpu_lanes=settings.gpu_decode_lanes,
+                gpu_lanes=plan.gpu_lanes,
                 **common,  # type: ignore[arg-type]
             )
         except ModelLoadError as exc:
