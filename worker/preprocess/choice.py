@@ -11,7 +11,7 @@ from jetinfer.repository import ModelConfig
 from ..autoconfig import Plan
 from ..settings import WorkerSettings
 from .base import CpuDecoding, Preprocessing
-from .gpu import GpuDecode, GpuNormalise, GpuTools, ProcessDecoding
+from .gpu import GpuDecode, GpuNormalise, GpuPreprocessing, GpuTools, ProcessDecoding
 
 __all__ = ["choose_preprocessing"]
 
@@ -28,7 +28,16 @@ def choose_preprocessing(
     settings ask for cannot work here (no CUDA, no torchvision), so the worker refuses them at start; GPU
     decoding the worker chose itself is dropped there instead, saying so.
     """
-    tools = tools or GpuTools()
+    strategy = _choose(plan, settings, config, max_frames, tools or GpuTools())
+    if isinstance(strategy, GpuPreprocessing) and config.preprocess is not None:
+        # The batches on the GPU at once: those made ahead, the one running, the one being made.
+        strategy.reserve(config.preprocess, max_frames, plan.pipeline_depth + 2)
+    return strategy
+
+
+def _choose(
+    plan: Plan, settings: WorkerSettings, config: ModelConfig, max_frames: int, tools: GpuTools
+) -> Preprocessing:
     preprocess = config.preprocess
     if preprocess is None or not (plan.gpu_decode or plan.gpu_normalise):
         return CpuDecoding()

@@ -140,6 +140,24 @@ class GpuPreprocessing(Preprocessing):
         """Batches made at once."""
         return len(self._lanes)
 
+    def reserve(self, preprocess: PreprocessConfig, max_frames: int, batches: int) -> None:
+        """Make `batches` model inputs of `max_frames` at once, in the lanes, and let them go: torch's
+        caching allocator then holds as many full-size buffers as the pipeline keeps on the GPU, and
+        GPU memory stays flat from the first request (else it grows by a buffer the first time that
+        many batches are on the GPU together). A failure is logged; serving goes on."""
+        pixels = np.zeros((max_frames, preprocess.height, preprocess.width, 3), np.uint8)
+        held = []
+        try:
+            for index in range(batches):
+                lane = self._lanes[index % len(self._lanes)]
+                held.append(lane.normaliser(preprocess).from_pixels(pixels))
+        except Exception as exc:
+            logger.warning(
+                "reserving GPU memory for %d batches failed: %s: %s", batches, type(exc).__name__, exc
+            )
+        finally:
+            del held
+
     @contextmanager
     def _lane(self) -> Iterator[_Lane]:
         lane = self._free.get()
