@@ -35,6 +35,7 @@ import yaml
 
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import INFER_STREAM, consumer_name, infer_subjects
+from jetinfer.worker.autoconfig import GPU_LANES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -367,8 +368,11 @@ def test_scaledobject_reads_the_consumer_the_worker_creates(kustomization: str) 
     # lagThreshold is a per-worker backlog: below one busy worker's own in-flight work
     # (max_batch x pipeline_depth) a single, keeping-up worker would already ask for a second one.
     worker = container(deployment, "worker")
+    # Left to the worker, the pipeline depth is at most one per lane: 2 process lanes and 2 GPU lanes.
+    on_gpu = "nvidia.com/gpu" in worker["resources"].get("limits", {})
+    chosen_at_most = GPU_LANES + 2 if on_gpu else 1
     in_flight = int(worker_setting(worker, "--max-batch", 0)) * int(
-        worker_setting(worker, "--pipeline-depth", worker_default("pipeline_depth"))
+        worker_setting(worker, "--pipeline-depth", chosen_at_most)
     )
     assert in_flight > 0, "set JETINFER_MAX_BATCH explicitly: lagThreshold is derived from it"
     assert int(nats["lagThreshold"]) >= in_flight
@@ -1192,3 +1196,20 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
     finally:
         for client in clients:
             await client.close()
+
+
+def test_the_gpu_overlay_runs_one_worker_per_gpu_with_no_tuning_flags() -> None:
+    [worker] = [d for d in rendered("gpu") if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"]]
+    pod = worker["spec"]["template"]["spec"]
+    [container] = [c for c in pod["containers"] if c["name"] == "worker"]
+    tuning = ("DECODE", "GPU_DECODE", "GPU_NORMALISE", "LANES", "GIL", "PARALLEL", "PIPELINE_DEPTH", "ORT_")
+    names = [e["name"] for e in container.get("env", [])]
+    assert not [n for n in names if any(word in n for word in tuning)], names
+    assert not [a for a in container.get("args", []) if a.startswith("--")], container.get("args")
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    # The worker sizes its decoding processes to its CPU quota: request and limit agree.
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
+    [shm] = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == shm["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
