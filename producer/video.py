@@ -304,7 +304,8 @@ async def video_job(
     if in_flight < 1 or frames_per_message < 1:
         raise InvalidInputError("in_flight and frames_per_message must be at least 1")
     progress = progress if progress is not None else JobProgress()
-    state = _Job(client, model, job, max(in_flight, frames_per_message), progress, frames_per_message)
+    # A message never holds more frames than may be unanswered at once.
+    state = _Job(client, model, job, in_flight, progress, min(frames_per_message, in_flight))
     # Workers create the streams with the deployment's settings; a producer only checks that RESULTS is there.
     await require_stream(
         client.js, RESULTS_STREAM, "start a worker first (it creates INFER, RESULTS and DLQ)"
