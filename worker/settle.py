@@ -257,44 +257,33 @@ class Settler:
             },
         )
 
-    async def _reply_inbox(self, request: PreparedRequest, outputs: Outputs, ran: RanBatch) -> None:
-        if request.reply_to is None:  # nobody to answer: done
-            await self._act(request.msg, Settlement(AckAction.ACK), request=request, version=ran.version)
-            return
+    async def _publish_ok(self, request: PreparedRequest, outputs: Outputs, ran: RanBatch) -> int | None:
+        """Publish a request's reply: the refusals mark from just before, or None where it could not be
+        published (the request is then settled as a failure)."""
+        assert request.reply_to is not None, "only requests with a reply subject are answered"
         mark = self._refusals.mark()
+        body = self._body(request, outputs, ran)
         try:
-            await publish_reply(
-                self._nc,
-                self._js,
-                request.reply_to,
-                request.request_id,
-                self._body(request, outputs, ran),
-                ok=True,
-            )
-        except RequestError as exc:
-            await self.fail(request, self._not_published(request, exc, ran.version), version=ran.version)
-            return
-        self._unconfirmed.append(_Sent(request, ran.version, mark))
-        self._confirm_wanted.set()
-
-    async def _reply_durable(self, request: PreparedRequest, outputs: Outputs, ran: RanBatch) -> None:
-        assert request.reply_to is not None
-        mark = self._refusals.mark()
-        try:
-            await publish_reply(
-                self._nc,
-                self._js,
-                request.reply_to,
-                request.request_id,
-                self._body(request, outputs, ran),
-                ok=True,
-            )
+            await publish_reply(self._nc, self._js, request.reply_to, request.request_id, body, ok=True)
         except RequestError as exc:
             refused = self._refusals.refused_since(mark, request.reply_to)
             error = self._refused(request, ran.version) if refused else exc
             await self.fail(request, self._not_published(request, error, ran.version), version=ran.version)
+            return None
+        return mark
+
+    async def _reply_inbox(self, request: PreparedRequest, outputs: Outputs, ran: RanBatch) -> None:
+        if request.reply_to is None:  # nobody to answer: done
+            await self._act(request.msg, Settlement(AckAction.ACK), request=request, version=ran.version)
             return
-        await self._act(request.msg, Settlement(AckAction.ACK), request=request, version=ran.version)
+        mark = await self._publish_ok(request, outputs, ran)
+        if mark is not None:  # acked once a flush confirms the server took it
+            self._unconfirmed.append(_Sent(request, ran.version, mark))
+            self._confirm_wanted.set()
+
+    async def _reply_durable(self, request: PreparedRequest, outputs: Outputs, ran: RanBatch) -> None:
+        if await self._publish_ok(request, outputs, ran) is not None:  # the stream's PubAck came
+            await self._act(request.msg, Settlement(AckAction.ACK), request=request, version=ran.version)
 
     def _spawn_durable(self, steps: list[Coroutine[Any, Any, None]]) -> None:
         async def settle_all() -> None:
