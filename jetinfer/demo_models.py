@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jetinfer.errors import RepositoryError
+from jetinfer.errors import ExportError, RepositoryError
 from jetinfer.repository import ModelRepository
 
 __all__ = ["DEMO_MODEL", "default_model_cache", "ensure_demo_model"]
@@ -54,4 +54,8 @@ def ensure_demo_model(cache_dir: Path) -> None:
     ]
     result = subprocess.run(command, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"exporting the demo model failed (exit {result.returncode}): {' '.join(command)}")
+        raise ExportError(
+            f"exporting the demo model failed (exit {result.returncode}): {' '.join(command)}; "
+            "install the export extra (pip install 'jetinfer[export]') "
+            "or pass --cache-dir with an exported model"
+        )

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from jetinfer.children import forget, forget_folder, remove_with_parent, spawn
+from jetinfer.errors import EmbeddedServerError
 
 __all__ = ["EmbeddedNatsServer", "find_nats_server", "free_port"]
 
@@ -124,7 +125,9 @@ class EmbeddedNatsServer:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 tail = self.log_file.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"nats-server exited with {self._process.returncode}:\n{tail}")
+                raise EmbeddedServerError(
+                    f"nats-server exited with {self._process.returncode} (log: {self.log_file}):\n{tail}"
+                )
             try:
                 with urllib.request.urlopen(
                     f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1
@@ -136,7 +139,9 @@ class EmbeddedNatsServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"nats-server did not become ready within {timeout_s} s (log: {self.log_file})")
+        raise EmbeddedServerError(
+            f"nats-server did not become ready within {timeout_s} s (log: {self.log_file})"
+        )
 
     @property
     def running(self) -> bool:

@@ -31,6 +31,8 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "DeadlineExceededError",
+    "EmbeddedServerError",
+    "ExportError",
     "InvalidInputError",
     "JetinferError",
     "JobStalledError",
@@ -44,6 +46,7 @@ __all__ = [
     "SettingsError",
     "StreamMismatchError",
     "StreamMissingError",
+    "StreamUpdateError",
     "TooLargeError",
     "UnknownModelError",
     "error_for_code",
@@ -169,6 +172,18 @@ class StreamMissingError(JetinferError):
     def __init__(self, name: str, hint: str) -> None:
         super().__init__(f"stream {name} does not exist: {hint}")
         self.name = name
+
+
+class StreamUpdateError(JetinferError, RuntimeError):
+    """Adding this process's subjects to a stream kept losing to concurrent updates."""
+
+
+class EmbeddedServerError(JetinferError, RuntimeError):
+    """The embedded nats-server (the demo's, the embedded bench's) exited or never became ready."""
+
+
+class ExportError(JetinferError, RuntimeError):
+    """Exporting a model (the demo classifier) into a repository failed."""
 
 
 class RepositoryError(JetinferError):

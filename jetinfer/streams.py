@@ -28,7 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from jetinfer.errors import InvalidInputError, StreamMismatchError, StreamMissingError
+from jetinfer.errors import InvalidInputError, StreamMismatchError, StreamMissingError, StreamUpdateError
 from jetinfer.protocol import MODEL_NAME_PATTERN, check_model_name
 from jetinfer.settings import StreamSettings
 
@@ -238,7 +238,9 @@ async def register_model(js: JetStreamContext, model: str, settings: StreamSetti
     info = await js.stream_info(INFER_STREAM)
     missing = [subject for subject in wanted if subject not in (info.config.subjects or [])]
     if missing:
-        raise RuntimeError(f"could not add {', '.join(missing)} to stream {INFER_STREAM} after 10 attempts")
+        raise StreamUpdateError(
+            f"could not add {', '.join(missing)} to stream {INFER_STREAM} after 10 attempts"
+        )
 
 
 def _consumer_config(model: str, settings: StreamSettings) -> ConsumerConfig:

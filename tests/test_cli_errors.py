@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
-from jetinfer.embedded import free_port
+from jetinfer.embedded import EmbeddedNatsServer, free_port
+from jetinfer.errors import EmbeddedServerError, JetinferError
 from tests.conftest import REPO_ROOT, NatsUnderTest, run_cli, running_worker
 
 
@@ -146,3 +148,16 @@ def _stop(process: subprocess.Popen[str]) -> None:
         process.wait()
     assert process.stderr is not None
     process.stderr.close()
+
+
+def test_an_embedded_server_that_cannot_start_is_a_typed_error_naming_its_log(tmp_path: Path) -> None:
+    # An unparsable configuration makes nats-server exit at once.
+    server = EmbeddedNatsServer(store_dir=tmp_path / "store", extra_config="this is { not a config")
+    try:
+        with pytest.raises(EmbeddedServerError) as caught:
+            server.start(timeout_s=10)
+    finally:
+        server.stop()
+    assert isinstance(caught.value, JetinferError)  # the CLI prints these as one line
+    assert "nats-server exited" in str(caught.value)
+    assert str(server.log_file) in str(caught.value)

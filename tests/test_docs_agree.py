@@ -46,7 +46,7 @@ def _in_progress_fraction(text: str) -> str:
 
 
 def test_protocol_and_operations_agree_on_when_in_progress_is_sent() -> None:
-    """The worker sends in_progress once a third of ack_wait has passed (worker/pipeline.py)."""
+    """The worker sends in_progress once a third of ack_wait has passed (worker/settle.py)."""
     protocol = (REPO_ROOT / "docs" / "protocol.md").read_text()
     operations = (REPO_ROOT / "docs" / "operations.md").read_text()
     assert _in_progress_fraction(protocol) == _in_progress_fraction(operations) == "a third"
