@@ -74,12 +74,12 @@ def video_command(url: str, clip: Path, out: Path, job: str) -> list[str]:
 
 
 def served(metrics_urls: list[str]) -> int:
-    """Requests the workers answered so far."""
-    return int(sum(scrape_worker_metrics(u)["requests"] for u in metrics_urls))
+    """Frames the workers ran so far (a message carries several: count frames, not requests)."""
+    return int(sum(scrape_worker_metrics(u)["frames"] for u in metrics_urls))
 
 
 def wait_for_answers(metrics_urls: list[str], count: int, process: subprocess.Popen[str]) -> None:
-    """Block until the workers have answered `count` requests (or the process ended)."""
+    """Block until the workers have run `count` frames (or the process ended)."""
     while served(metrics_urls) < count and process.poll() is None:
         time.sleep(0.05)
 
