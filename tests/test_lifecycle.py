@@ -503,3 +503,27 @@ def test_gpu_decode_lanes_sit_beside_the_process_lanes() -> None:
         assert "1 more lane(s) decoding JPEG batches on the GPU" in strategy.describe()
     finally:
         strategy.close()
+
+
+class FailingGpuDecoder(NoGpu):
+    """A GPU JPEG decoder that fails as CUDA does when memory runs out."""
+
+    def decode(self, images: list[bytes]) -> Any:
+        raise RuntimeError("CUDA error: out of memory")
+
+
+async def test_a_batch_that_fails_to_be_made_ahead_is_left_to_the_run_stage() -> None:
+    tools = GpuTools(normaliser=NoGpu, jpeg_decoder=FailingGpuDecoder, processes=NoGpu)  # type: ignore[arg-type]
+    flags = {"gpu_decode": True}
+    the_plan = plan(settings(**flags), IMAGE_MODEL, on_gpu=True, cores=8, cores_why="test")
+    strategy = choose_preprocessing(the_plan, settings(**flags), IMAGE_MODEL, 8, tools)
+    try:
+        assert type(strategy) is GpuDecode
+        [formed] = make_batches([request_for(FakeMsg(Log(), 1))], 8)
+        batch = dataclasses.replace(formed, encoded=(b"\xff\xd8\xff\xe0",))  # one JPEG left encoded
+        assert strategy.wants_ahead(batch)
+        made = await strategy.ahead(batch, IMAGE_MODEL)  # raised into the run stage before
+        assert made is batch
+        assert made.on_device is None
+    finally:
+        strategy.close()

@@ -171,7 +171,8 @@ class GpuPreprocessing(Preprocessing):
         return bool(batch.encoded) or batch.pixels
 
     async def ahead(self, batch: Batch, config: ModelConfig) -> Batch:
-        """Make the model input in a lane; on a bad image leave it to the run stage."""
+        """Make the model input in a lane; on any failure leave it to the run stage, which makes it
+        again and settles what fails there (a bad image splits the batch; a GPU error is retryable)."""
         preprocess = config.preprocess
         if preprocess is None or not self.wants_ahead(batch):
             return batch
@@ -180,6 +181,14 @@ class GpuPreprocessing(Preprocessing):
             on_device = await loop.run_in_executor(self._threads, self.make, batch, preprocess)
         except RequestError as exc:
             logger.debug("making a batch ahead failed (%s); the run stage will split it", exc)
+            return batch
+        except Exception as exc:  # e.g. CUDA out of memory: not a reason to stop the pipeline
+            logger.warning(
+                "making a batch of %d ahead failed (%s: %s); the run stage will make it",
+                len(batch.requests),
+                type(exc).__name__,
+                exc,
+            )
             return batch
         return batch.made_ahead(on_device, preprocess)
 
