@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -95,7 +96,6 @@ async def test_frames_several_to_a_message_are_answered_as_one_by_one(
 def test_cli_writes_one_line_per_frame_in_order(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
 ) -> None:
-    import asyncio
 
     from PIL import Image
 
@@ -107,32 +107,28 @@ def test_cli_writes_one_line_per_frame_in_order(
         cat.rotate(index * 3).save(folder / f"frame{index:03d}.jpg")
     out = tmp_path / "results.jsonl"
 
-    async def run() -> Any:
-        async with running_worker(nats_server.url, repo, [model]):
-            return await asyncio.to_thread(
-                run_cli,
-                "video",
-                str(folder),
-                "--model",
-                model,
-                "--out",
-                str(out),
-                "--nats-url",
-                nats_server.url,
-                "--no-progress",
-            )
-
-    result = asyncio.run(run())
+    argv = [str(folder), "--model", model, "--out", str(out), "--nats-url", nats_server.url, "--no-progress"]
+    result = video_with_worker(nats_server, repo, model, *argv)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(12))
     assert all("cat" in " ".join(p["label"] for p in line["top_k"]).lower() for line in lines[:3])
     assert "12 frames" in result.stdout
-    rerun = asyncio.run(run())
+    rerun = video_with_worker(nats_server, repo, model, *argv)
     assert "12 answered in an earlier run, 0 sent now" in rerun.stdout
 
 
 # -- issue 16: no hang, one bad file is one line, frames stream, Ctrl-C says how to resume ---------------
+
+
+def video_with_worker(nats: NatsUnderTest, repo: Path, model: str, *argv: str) -> Any:
+    """`jetinfer video *argv` while a worker serves `model` from `repo`."""
+
+    async def run() -> Any:
+        async with running_worker(nats.url, repo, [model]):
+            return await asyncio.to_thread(run_cli, "video", *argv)
+
+    return asyncio.run(run())
 
 
 def cat_folder(folder: Path, cat_jpeg: bytes, count: int) -> Path:
@@ -165,14 +161,13 @@ async def register_only(url: str, model: str) -> None:
 def test_video_with_nobody_serving_ends_within_its_timeout_and_a_rerun_resumes(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
 ) -> None:
-    import asyncio
 
     repo, model = model_repo("efficientnet_lite0")
     asyncio.run(register_only(nats_server.url, model))
     folder = cat_folder(tmp_path / "frames", cat_jpeg, 10)
     out = tmp_path / "results.jsonl"
-    argv = ["video", str(folder), "--model", model, "--out", str(out), "--nats-url", nats_server.url]
-    stalled = run_cli(*argv, "--timeout-s", "2", "--in-flight", "4", timeout=120)
+    argv = [str(folder), "--model", model, "--out", str(out), "--nats-url", nats_server.url]
+    stalled = run_cli("video", *argv, "--timeout-s", "2", "--in-flight", "4", timeout=120)
     assert stalled.returncode == 3, stalled.stderr[-2000:]
     (line,) = stalled.stderr.strip().splitlines()
     assert "no reply for 2 s while waiting for the replies to frames 0-3" in line
@@ -180,11 +175,7 @@ def test_video_with_nobody_serving_ends_within_its_timeout_and_a_rerun_resumes(
     assert "Re-run the same command to resume" in line
     assert not out.exists()
 
-    async def resume() -> Any:
-        async with running_worker(nats_server.url, repo, [model]):
-            return await asyncio.to_thread(run_cli, *argv)
-
-    resumed = asyncio.run(resume())
+    resumed = video_with_worker(nats_server, repo, model, *argv)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == list(range(10))
 
@@ -193,7 +184,6 @@ def test_video_with_nobody_serving_ends_within_its_timeout_and_a_rerun_resumes(
 def test_one_bad_file_is_one_error_line_naming_it_and_the_job_goes_on(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path, per_message: int
 ) -> None:
-    import asyncio
 
     repo, model = model_repo("efficientnet_lite0")
     folder = cat_folder(tmp_path / "frames", cat_jpeg, 5)
@@ -204,23 +194,14 @@ def test_one_bad_file_is_one_error_line_naming_it_and_the_job_goes_on(
     (folder / "notes.txt").write_text("taken on a Tuesday")
     out = tmp_path / "results.jsonl"
 
-    async def run() -> Any:
-        async with running_worker(nats_server.url, repo, [model]):
-            return await asyncio.to_thread(
-                run_cli,
-                "video",
-                str(folder),
-                "--model",
-                model,
-                "--out",
-                str(out),
-                "--nats-url",
-                nats_server.url,
-                "--frames-per-message",
-                str(per_message),
-            )
-
-    result = asyncio.run(run())
+    result = video_with_worker(
+        nats_server,
+        repo,
+        model,
+        str(folder),
+        *("--model", model, "--out", str(out), "--nats-url", nats_server.url),
+        *("--frames-per-message", str(per_message)),
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if ": error " in line]
     assert len(errors) == 2, result.stderr
@@ -261,7 +242,6 @@ async def test_frames_stream_from_the_source(nats_server: NatsUnderTest, model_r
 def test_ctrl_c_of_video_says_how_to_resume(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
 ) -> None:
-    import asyncio
     import os
     import signal
     import subprocess
