@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -110,6 +111,45 @@ def run_cli(
         cwd=REPO_ROOT,
         check=False,
     )
+
+
+def spawn_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `python -m jetinfer.cli ARGS` with its log (stderr) readable by `read_log_until`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jetinfer.cli", *args],
+        env={**os.environ, **(env or {})},
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def read_log_until(process: subprocess.Popen[str], marker: str, timeout_s: float = 60) -> list[str]:
+    """The process's log lines up to and including the first holding `marker` (bounded by `timeout_s`)."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout_s
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"the process never logged {marker!r}:\n{''.join(seen)}")
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 30 s; close its log pipe."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, NatsUnderTest, run_cli
+from tests.conftest import NatsUnderTest, read_log_until, run_cli, spawn_cli
 
 COMMANDS = ["serve", "infer", "demo", "export-demo", "build", "models", "sidecar"]
 
@@ -65,41 +61,24 @@ def test_infer_missing_file_is_a_clear_error() -> None:
     assert "no such file" in result.stderr
 
 
-def _wait_ready(process: subprocess.Popen[str], marker: str, timeout_s: float = 60) -> None:
-    assert process.stderr is not None
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if marker in line:
-            return
-    raise AssertionError(f"worker never logged {marker!r}:\n{''.join(seen)}")
-
-
 def test_serve_then_infer_prints_a_cat_then_sigterm_exits_zero(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes, tmp_path: Path
 ) -> None:
     repo, model = model_repo("efficientnet_lite0")
     photo = tmp_path / "cat.jpg"
     photo.write_bytes(cat_jpeg)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "jetinfer.cli", "serve", "--metrics-port", "0"],
+    worker = spawn_cli(
+        "serve",
+        "--metrics-port",
+        "0",
         env={
-            **os.environ,
             "JETINFER_NATS_URL": nats_server.url,
             "JETINFER_REPOSITORY": str(repo),
             "JETINFER_MODEL": model,
         },
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
     )
     try:
-        _wait_ready(worker, "serving from consumer")
+        read_log_until(worker, "serving from consumer")
         result = run_cli("infer", "--nats-url", nats_server.url, model, str(photo))
         assert result.returncode == 0, result.stderr
         assert "cat" in result.stdout.lower()

@@ -4,7 +4,6 @@ trip, output cut short by `| head`, and the worker's start line (issue 16.9)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,15 @@ import pytest
 
 from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import EmbeddedServerError, JetinferError
-from tests.conftest import REPO_ROOT, NatsUnderTest, run_cli, running_worker
+from tests.conftest import (
+    REPO_ROOT,
+    NatsUnderTest,
+    read_log_until,
+    run_cli,
+    running_worker,
+    spawn_cli,
+    stop_process,
+)
 
 
 def test_infer_prints_an_error_reply_and_a_timeout_the_same_way(
@@ -79,75 +86,28 @@ def test_the_start_line_says_what_is_served_and_what_is_waited_for(
     repo, model = model_repo("identity")
     missing = f"missing-{unique}"
     port = free_port()
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jetinfer.cli",
-            "serve",
-            "--model",
-            model,
-            "--model",
-            missing,
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(port),
-        ],
-        env={**os.environ, "JETINFER_NATS_URL": nats_server.url, "JETINFER_REPOSITORY": str(repo)},
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
+    env = {"JETINFER_NATS_URL": nats_server.url, "JETINFER_REPOSITORY": str(repo)}
+    worker = spawn_cli(
+        *("serve", "--model", model, "--model", missing),
+        *("--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
+        env=env,
     )
     try:
-        line = _line_with(worker, "worker ")
+        line = read_log_until(worker, ": worker ")[-1]
         assert f"serving {model} v1" in line
         assert f"waiting for a version of {missing}" in line
         assert f"serving {missing}" not in line
         assert f"metrics on port {port}" in line
     finally:
-        _stop(worker)
-    idle = subprocess.Popen(
-        [sys.executable, "-m", "jetinfer.cli", "serve", "--model", missing, "--metrics-port", "0"],
-        env={**os.environ, "JETINFER_NATS_URL": nats_server.url, "JETINFER_REPOSITORY": str(repo)},
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
+        stop_process(worker)
+    idle = spawn_cli("serve", "--model", missing, "--metrics-port", "0", env=env)
     try:
-        line = _line_with(idle, "worker ")
+        line = read_log_until(idle, ": worker ")[-1]
         assert "serving nothing yet" in line
         assert "port None" not in line
         assert "metrics off" in line
     finally:
-        _stop(idle)
-
-
-def _line_with(process: subprocess.Popen[str], marker: str) -> str:
-    """The first log line of `process` whose message starts with `marker` (its start line)."""
-    assert process.stderr is not None
-    seen = []
-    for _ in range(200):
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if f": {marker}" in line:
-            return line
-    raise AssertionError("no start line:\n" + "".join(seen))
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    assert process.stderr is not None
-    process.stderr.close()
+        stop_process(idle)
 
 
 def test_an_embedded_server_that_cannot_start_is_a_typed_error_naming_its_log(tmp_path: Path) -> None:

@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,15 @@ import pytest
 from jetinfer.errors import UnknownModelError
 from jetinfer.producer.client import Client
 from jetinfer.streams import INFER_STREAM, reload_subject
-from tests.conftest import REPO_ROOT, NatsUnderTest, copy_model, run_cli, running_worker
+from tests.conftest import (
+    NatsUnderTest,
+    copy_model,
+    read_log_until,
+    run_cli,
+    running_worker,
+    spawn_cli,
+    stop_process,
+)
 
 
 async def test_a_model_without_a_version_is_not_registered_until_one_loads(
@@ -71,21 +75,16 @@ def test_serve_of_a_missing_model_says_what_it_waits_for_and_infer_fails_fast(
     repository = tmp_path / "models"
     tensor = tmp_path / "x.npy"
     np.save(tensor, np.ones((1, 4), np.float32))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "jetinfer.cli", "serve", "--metrics-port", "0", "--reload-poll-s", "0.5"],
+    worker = spawn_cli(
+        *("serve", "--metrics-port", "0", "--reload-poll-s", "0.5"),
         env={
-            **os.environ,
             "JETINFER_NATS_URL": nats_server.url,
             "JETINFER_REPOSITORY": str(repository),
             "JETINFER_MODEL": model,
         },
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
     )
     try:
-        seen = _read_until(worker, "waiting", 60)
+        seen = "".join(read_log_until(worker, "waiting", 60))
         assert "does not exist" in seen, seen
         assert str(repository) in seen, seen
         failed = run_cli(
@@ -94,32 +93,10 @@ def test_serve_of_a_missing_model_says_what_it_waits_for_and_infer_fails_fast(
         assert failed.returncode == 1
         assert f"jetinfer infer: {tensor}: error unknown_model: " in failed.stderr
         copy_model(demo_repository, "identity", repository, model)
-        _read_until(worker, "serving from consumer", 60)
+        read_log_until(worker, "serving from consumer", 60)
         served = run_cli("infer", "--nats-url", nats_server.url, model, str(tensor), timeout=60)
         assert served.returncode == 0, served.stdout + served.stderr
         assert f"model {model} v1" in served.stdout
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        assert worker.stderr is not None
-        worker.stderr.close()
+        stop_process(worker)
     shutil.rmtree(repository, ignore_errors=True)
-
-
-def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
-    """The worker's log lines up to the first holding `marker` (bounded by `timeout_s`)."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + timeout_s
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    raise AssertionError(f"the worker never logged {marker!r}:\n{''.join(seen)}")
