@@ -132,7 +132,46 @@ def test_the_rates_are_measured_on_the_engine_and_a_jpeg_of_the_models_size() ->
             return {}
 
     engine = Engine()
-    rates = probe_rates(engine, IMAGES, 16)  # type: ignore[arg-type]
+    rates = probe_rates(engine, IMAGES, 16, hardware=False)  # type: ignore[arg-type]
     assert engine.batches == [(16, 3, 8, 8)] * 3
     assert rates.engine > 0
     assert rates.decode_per_process > 0
+    assert rates.hardware_decode is None
+
+
+@pytest.mark.parametrize(
+    ("engine", "hardware", "lanes"),
+    [(5_000.0, 20_000.0, 0), (10_000.0, 20_000.0, 1), (30_000.0, 20_000.0, 2), (10_000.0, 4_000.0, 2)],
+)
+def test_lanes_decode_on_the_jpeg_engine_where_one_was_found(
+    engine: float, hardware: float, lanes: int
+) -> None:
+    rates = Rates(engine=engine, decode_per_process=1_500.0, hardware_decode=hardware)  # 8 × 1,500 × 0.6
+    chosen = plan(settings(), IMAGES, on_gpu=True, cores=10, cores_why="test", rates=rates)
+    assert chosen.gpu_lanes == lanes
+    assert chosen.hardware_lanes == (lanes > 0)
+    assert chosen.pipeline_depth == 2 + lanes
+    assert f"the JPEG engine {hardware:,.0f}: {lanes} lane(s)" in chosen.describe()
+
+
+def test_no_nvimgcodec_keeps_the_jpeg_engine_out_of_the_plan() -> None:
+    rates = Rates(engine=30_000.0, decode_per_process=1_500.0, hardware_decode=20_000.0)
+    gpu = {"gpu_decode": True, "gpu_normalise": True}
+    chosen = plan(
+        settings(nvimgcodec=False, **gpu), IMAGES, on_gpu=True, cores=10, cores_why="t", rates=rates
+    )
+    assert chosen.gpu_lanes == 2  # on the SMs (nvJPEG), as without a JPEG engine
+    assert not chosen.hardware_lanes
+    assert "JPEG engine" not in chosen.describe()
+
+
+def test_without_a_gpu_there_is_no_jpeg_engine_to_time() -> None:
+    pytest.importorskip("torch", reason="the hardware probe needs torch to find a GPU; without it: None")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: its JPEG engine may well be found")
+    from jetinfer.worker.gpu_decode import hardware_jpeg_rate
+
+    assert IMAGES.preprocess is not None
+    assert hardware_jpeg_rate(IMAGES.preprocess, b"\xff\xd8", frames=4) is None

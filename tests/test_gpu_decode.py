@@ -62,6 +62,24 @@ def test_gpu_decode_matches_the_cpu_path(cat_jpeg: bytes) -> None:
     assert np.abs(batch[1] - cpu[1]).mean() < 0.15
 
 
+@pytest.mark.gpu
+def test_the_hardware_jpeg_engine_matches_the_cpu_path(cat_jpeg: bytes) -> None:
+    _gpu_decoder_or_skip()
+    from jetinfer.worker.gpu_decode import GpuJpegDecoder, hardware_jpeg_rate
+
+    decoder = GpuJpegDecoder(CONFIG, nvimgcodec=True)
+    if not decoder.hardware:
+        pytest.skip(f"no hardware JPEG engine through nvImageCodec here (decoding with {decoder.library})")
+    images = [cat_jpeg] * 3
+    batch = decoder.decode(images).cpu().numpy()
+    cpu = np.concatenate([preprocess_image(image, CONFIG) for image in images])
+    assert batch.shape == cpu.shape
+    assert np.abs(batch - cpu).mean() < 0.15
+    rate = hardware_jpeg_rate(CONFIG, cat_jpeg, frames=32)
+    assert rate is not None
+    assert rate > 0
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [("gpu_decode", "--gpu-decode needs"), ("gpu_normalise", "GPU preprocessing needs")],

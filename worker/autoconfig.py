@@ -8,7 +8,10 @@ a GPU and whether the model takes images. From those it chooses (`plan`):
 - GPU backend, image model: decoding processes on the cores left after the event loop and the GPU's
   feeding threads, split into two lanes, so two batches are decoded while the engine runs a third; small
   JPEG batches (a lone request) decode on the GPU where torchvision can; uint8 pixels normalised on the
-  GPU; the GIL handed over every millisecond (the threads feeding the GPU wait for it otherwise).
+  GPU; the GIL handed over every millisecond (the threads feeding the GPU wait for it otherwise). Where
+  the processes cannot keep up with the engine (both measured at start, `probe_rates`), one or two
+  more lanes decode whole JPEG batches on the GPU: on its hardware JPEG engine where nvImageCodec finds
+  one (no SM time taken from the model), else with nvJPEG on the SMs.
 - CPU backend (or a tensor model): decode threads and ONNX Runtime's intra-op threads sized to the cores.
 
 Every choice is a setting; one given on the command line or in the environment wins. `Plan.describe()`
@@ -34,6 +37,7 @@ from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelConfig
 
 from .backends.base import Backend
+from .gpu_decode import hardware_jpeg_rate
 from .settings import WorkerSettings
 
 __all__ = ["Plan", "Rates", "plan", "probe_rates", "usable_cores"]
@@ -51,11 +55,13 @@ DECODE_EFFICIENCY = 0.6
 
 @dataclass(frozen=True)
 class Rates:
-    """What the worker measured at start: the engine's images/s at max_batch, and one process's
-    images/s decoding the model's input (a JPEG of its size)."""
+    """What the worker measured at start: the engine's images/s at max_batch, one process's images/s
+    decoding the model's input (a JPEG of its size), and the GPU's hardware JPEG engine's images/s at
+    max_batch (None: there is none to use)."""
 
     engine: float
     decode_per_process: float
+    hardware_decode: float | None = None
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
@@ -94,6 +100,7 @@ class Plan:
     decode_processes: int
     lanes: int
     gpu_lanes: int
+    hardware_lanes: bool  # the gpu_lanes decode on the hardware JPEG engine (nvImageCodec)
     decode_threads: int
     pipeline_depth: int
     gil_switch_ms: float  # 0: leave Python's
@@ -127,6 +134,7 @@ def plan(
             decode_processes=settings.decode_processes or 0,
             lanes=settings.preprocess_lanes or 1,
             gpu_lanes=settings.gpu_decode_lanes or 0,
+            hardware_lanes=bool(settings.nvimgcodec),
             decode_threads=threads,
             pipeline_depth=settings.pipeline_depth or 1,
             gil_switch_ms=settings.gil_switch_ms or 0.0,
@@ -150,16 +158,26 @@ def plan(
         gpu_decode = importlib.util.find_spec("torchvision") is not None
         reasons.append("small JPEG batches on the GPU" if gpu_decode else "no torchvision: JPEGs on the CPU")
     lanes = settings.preprocess_lanes or (GPU_LANES if processes >= GPU_LANES or not processes else 1)
+    hardware = rates.hardware_decode if rates is not None and settings.nvimgcodec is not False else None
     gpu_lanes = settings.gpu_decode_lanes
     if gpu_lanes is None:
         gpu_lanes = 0
-        if rates is not None and processes and gpu_decode:
+        if rates is not None and processes and (gpu_decode or hardware):
             decoding = processes * rates.decode_per_process * DECODE_EFFICIENCY
-            gpu_lanes = 2 if 2 * decoding < rates.engine else 1 if decoding < rates.engine else 0
-            reasons.append(
-                f"engine {rates.engine:,.0f} img/s, {processes} processes decode about {decoding:,.0f}: "
-                f"{gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
-            )
+            short = rates.engine - decoding
+            measured = f"engine {rates.engine:,.0f} img/s, {processes} processes decode about {decoding:,.0f}"
+            if hardware:
+                gpu_lanes = 0 if short <= 0 else 1 if short <= hardware / 2 else 2
+                reasons.append(
+                    f"{measured}, the JPEG engine {hardware:,.0f}: {gpu_lanes} lane(s) decoding JPEG "
+                    "batches on the GPU's JPEG engine beside them"
+                )
+            else:
+                gpu_lanes = 2 if 2 * decoding < rates.engine else 1 if short > 0 else 0
+                reasons.append(
+                    f"{measured}: {gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
+                )
+    hardware_lanes = bool(settings.nvimgcodec) or (gpu_lanes > 0 and hardware is not None)
     depth = settings.pipeline_depth or lanes + gpu_lanes
     switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
     reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")
@@ -169,6 +187,7 @@ def plan(
         decode_processes=processes,
         lanes=lanes,
         gpu_lanes=gpu_lanes,
+        hardware_lanes=hardware_lanes,
         decode_threads=threads,
         pipeline_depth=depth,
         gil_switch_ms=switch,
@@ -176,9 +195,12 @@ def plan(
     )
 
 
-def probe_rates(backend: Backend, config: ModelConfig, max_batch: int) -> Rates:
-    """Time the engine on a batch of zeros at `max_batch` (best of three) and this process decoding a
-    JPEG of the model's input size (best of 20). Blocking: a few hundred milliseconds."""
+def probe_rates(
+    backend: Backend, config: ModelConfig, max_batch: int, *, hardware: bool = True, device: int | None = None
+) -> Rates:
+    """Time the engine on a batch of zeros at `max_batch` (best of three), this process decoding a JPEG
+    of the model's input size (best of 20) and, with `hardware`, the GPU's hardware JPEG engine on
+    `max_batch` of them. Blocking: a few hundred milliseconds (the engine's first use, a second more)."""
     assert config.preprocess is not None, "rates are for image models"
     batch = {
         spec.name: np.zeros(
@@ -189,7 +211,10 @@ def probe_rates(backend: Backend, config: ModelConfig, max_batch: int) -> Rates:
     engine = min(_timed(lambda: backend.infer(batch)) for _ in range(3))
     probe = _probe_jpeg(config.preprocess.width, config.preprocess.height)
     decode = min(_timed(lambda: decode_pixels(probe, config.preprocess)) for _ in range(20))  # type: ignore[arg-type]
-    return Rates(engine=max_batch / engine, decode_per_process=1.0 / decode)
+    engine_rate = (
+        hardware_jpeg_rate(config.preprocess, probe, frames=max_batch, device=device) if hardware else None
+    )
+    return Rates(engine=max_batch / engine, decode_per_process=1.0 / decode, hardware_decode=engine_rate)
 
 
 def _timed(call: Callable[[], object]) -> float:

@@ -9,11 +9,17 @@ setting at start where they are missing.
 `--gpu-normalise` is the other split: images decode on the CPU threads (Pillow releases the GIL while
 it decodes) into uint8 pixels, and only the normalisation runs on the GPU, which keeps its time for the
 model. nvJPEG's decoding costs GPU time: about 20k images/s of 224x224 on the H100.
+
+nvImageCodec drives the JPEG engines that A100/H100/H200-class GPUs have beside their SMs (NVJPG):
+decoding there takes no SM time from the model and no CPU time from the decoding processes, so the
+worker's plan puts the lanes that decode whole JPEG batches on the GPU there where it finds them
+(`hardware_jpeg_rate`, measured at start).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy.typing as npt
@@ -21,7 +27,7 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError
 from jetinfer.repository import PreprocessConfig
 
-__all__ = ["GpuJpegDecoder", "GpuNormaliser"]
+__all__ = ["GpuJpegDecoder", "GpuNormaliser", "hardware_jpeg_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,50 +148,65 @@ class GpuJpegDecoder:
         self.config = config
         self.device = self._normaliser.device
         self._nvimgcodec: Any = None
-        self._hardware: Any = None  # nvImageCodec's decoder, where it loads and passes a self-test
+        self._nvdecoder: Any = None  # nvImageCodec's decoder, where it loads and passes a self-test
+        #: Whether JPEGs decode on the GPU's hardware JPEG engine (nvImageCodec), not on its SMs.
+        self.hardware = False
         self.library = "torchvision"
-        # Opt-in (--nvimgcodec): on the H100 no faster end to end than torchvision, and its memory grew.
         if nvimgcodec:
-            self._hardware = self._load_nvimgcodec()
+            self._nvdecoder = self._load_nvimgcodec()
 
     def _load_nvimgcodec(self) -> Any:
         """nvImageCodec's decoder, preferring the GPU's hardware JPEG engine; None where it cannot work.
 
-        nvJPEG through torchvision decodes on the SMs the model needs; A100/H100-class GPUs also have a
-        JPEG engine of their own, which nvImageCodec (`pip install nvidia-nvimgcodec-cu13`) can drive.
-        `--nvimgcodec` turns it on (docs/benchmarks.md has what it measured).
+        nvJPEG through torchvision decodes on the SMs the model needs; A100/H100/H200-class GPUs also
+        have JPEG engines of their own (NVJPG), which nvImageCodec (`pip install
+        nvidia-nvimgcodec-cu13 nvidia-nvjpeg`) can drive. A decoder of the hardware backend alone must
+        decode a test image, else the GPU's CUDA backend is tried (it takes SM time like torchvision's).
         """
         try:
+            _preload_nvjpeg()
             from nvidia import nvimgcodec  # type: ignore[import-not-found, unused-ignore]
-
-            kinds = [getattr(nvimgcodec.BackendKind, k, None) for k in ("HW_GPU_ONLY", "GPU_ONLY")]
-            backends = [nvimgcodec.Backend(kind) for kind in kinds if kind is not None]
-            decoder = nvimgcodec.Decoder(device_id=self.device.index, backends=backends)
-            probe = _probe_jpeg()
-            [image] = decoder.decode(
-                [nvimgcodec.CodeStream(probe)], cuda_stream=self._normaliser.stream.cuda_stream
-            )
-            if image is None or tuple(self._torch.as_tensor(image, device=self.device).shape) != (16, 16, 3):
-                raise RuntimeError("its self-test decoded nothing, or the wrong shape")
-        except Exception as exc:  # not installed, no GPU backend, or a decoder that does not work here
-            logger.info(
-                "--gpu-decode: nvImageCodec not used (%s: %s); decoding with torchvision",
-                type(exc).__name__,
-                exc,
-            )
+        except Exception as exc:  # not installed, or its libraries do not load here
+            logger.info("nvImageCodec not used (%s: %s); decoding with torchvision", type(exc).__name__, exc)
             return None
-        self._nvimgcodec = nvimgcodec
-        self.library = f"nvImageCodec {getattr(nvimgcodec, '__version__', '?')}"
-        logger.info("--gpu-decode: decoding with %s (hardware JPEG engine first)", self.library)
-        return decoder
+        probe = _probe_jpeg()
+        for kinds, hardware in ((("HW_GPU_ONLY",), True), (("GPU_ONLY",), False)):
+            try:
+                backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind)) for kind in kinds]
+                decoder = nvimgcodec.Decoder(device_id=self.device.index, backends=backends)
+                [image] = decoder.decode(
+                    [nvimgcodec.CodeStream(probe)], cuda_stream=self._normaliser.stream.cuda_stream
+                )
+                if image is None or tuple(self._torch.as_tensor(image, device=self.device).shape) != (
+                    64,
+                    64,
+                    3,
+                ):
+                    raise RuntimeError("its self-test decoded nothing, or the wrong shape")
+            except Exception as exc:  # no such backend, or a decoder that does not work on this GPU
+                logger.info("nvImageCodec's %s backend not used (%s: %s)", kinds[0], type(exc).__name__, exc)
+                continue
+            if hardware:
+                # The CUDA backend behind it, for the JPEGs the engine cannot take (progressive ones).
+                kinds_all = [nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY]
+                decoder = nvimgcodec.Decoder(
+                    device_id=self.device.index, backends=[nvimgcodec.Backend(k) for k in kinds_all]
+                )
+            self._nvimgcodec = nvimgcodec
+            self.hardware = hardware
+            engine = "the hardware JPEG engine" if hardware else "CUDA"
+            self.library = f"nvImageCodec {getattr(nvimgcodec, '__version__', '?')} ({engine})"
+            return decoder
+        logger.info("nvImageCodec decodes nothing on this GPU; decoding with torchvision")
+        return None
 
     def _decode_raw(self, images: list[bytes]) -> list[Any]:
         """Decode to uint8 (3, H, W) CUDA tensors, on the preprocessing stream."""
         torch = self._torch
         stream = self._normaliser.stream
-        if self._hardware is not None:
+        if self._nvdecoder is not None:
             codec = self._nvimgcodec
-            decoded = self._hardware.decode(
+            decoded = self._nvdecoder.decode(
                 [codec.CodeStream(image) for image in images], cuda_stream=stream.cuda_stream
             )
             if any(image is None for image in decoded):
@@ -241,12 +262,61 @@ class GpuJpegDecoder:
             raise BackendError(f"GPU preprocessing failed: {type(exc).__name__}: {exc}") from exc
 
 
+def hardware_jpeg_rate(
+    config: PreprocessConfig, jpeg: bytes, *, frames: int, device: int | None = None
+) -> float | None:
+    """Images/s of the GPU's hardware JPEG engine (nvImageCodec) making model inputs of `frames` copies of
+    `jpeg` (decode, resize, normalise: best of three); None where there is none to use. Blocking."""
+    import time
+
+    try:
+        decoder = GpuJpegDecoder(config, device=device, max_frames=frames, nvimgcodec=True)
+    except ModelLoadError as exc:  # no CUDA, torch or torchvision
+        logger.info("no hardware JPEG decoding: %s", exc)
+        return None
+    if not decoder.hardware:
+        return None
+    images = [jpeg] * frames
+    try:
+        decoder.decode(images)  # warm-up: the engine's first batch allocates
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            decoder.decode(images)
+            best = min(best, time.perf_counter() - started)
+    except (BackendError, InvalidInputError) as exc:
+        logger.info("the hardware JPEG engine failed its timing (%s); not used", exc)
+        return None
+    return frames / max(best, 1e-9)
+
+
 def _probe_jpeg() -> bytes:
-    """A 16x16 JPEG, for a decoder's self-test."""
+    """A 64x64 baseline JPEG, for a decoder's self-test (the hardware engine refuses tiny images)."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, format="JPEG", quality=90)
+    Image.new("RGB", (64, 64), (200, 30, 90)).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def _preload_nvjpeg() -> None:
+    """Load libnvjpeg from the `nvidia-nvjpeg` wheel, where it is installed, so nvImageCodec's nvJPEG
+    extension finds it without LD_LIBRARY_PATH (it looks the library up by name)."""
+    import ctypes
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("nvidia.nvjpeg")
+    except ModuleNotFoundError:  # no `nvidia` namespace at all
+        return
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        for library in sorted(Path(root).glob("lib*/libnvjpeg.so*")):
+            try:
+                ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError as exc:
+                logger.debug("could not load %s: %s", library, exc)

@@ -135,9 +135,17 @@ class Pipeline:
         cores, why = self._cores
         on_gpu = current.backend.accepts_device_tensors
         rates = None
-        if on_gpu and current.config.preprocess is not None and self._settings.gpu_decode_lanes is None:
+        settings = self._settings
+        if on_gpu and current.config.preprocess is not None:
             # Whether the decoding processes can keep up with the engine: measured, not guessed.
-            rates = await asyncio.to_thread(probe_rates, current.backend, current.config, self.max_batch)
+            rates = await asyncio.to_thread(
+                probe_rates,
+                current.backend,
+                current.config,
+                self.max_batch,
+                hardware=settings.nvimgcodec is not False,
+                device=settings.device,
+            )
         the_plan = self.plan = plan(
             self._settings, current.config, on_gpu=on_gpu, cores=cores, cores_why=why, rates=rates
         )

@@ -4,13 +4,16 @@
 # not the limit) engine-only, then end to end with JPEG 224x224 requests: one worker with its defaults
 # (>= 100k requests, GPU memory sampled), two tuned workers (the best of before), one worker with the
 # asyncio loop and with a GPU decode lane beside its processes, the trivial model three ways, idle
-# latency, and a py-spy profile of the default worker under load. Prints the table last and packs every
-# file into OUTDIR/results.tar.gz (the device tool brings back a few files only).
+# latency, and a py-spy profile of the default worker under load. Before them, the JPEG decoders alone
+# (bench/gpu/decode_probe.py: nvJPEG, nvImageCodec on the hardware JPEG engine, Pillow processes), and
+# each "no flags" run again with `--no-nvimgcodec` (the lanes on the SMs, as before the JPEG engine).
+# Prints the table last and packs every file into OUTDIR/results.tar.gz (the device tool brings back
+# a few files only).
 #
 # The workers run on WORKER_CPUS (default 0-9, as a pod's CPU limit would give them); nats-server and
 # CLIENTS load processes (default 6) on the other cores. The trivial model's requests carry LIGHT_FRAMES
-# JPEGs each (default 8: a batch job's messages, a BYTES input). QUICK=1 leaves out the gpu tests, the
-# asyncio and explicit GPU-lane variants and the profile. Wheels: .whl/ (bench/gpu/fetch_wheels.sh).
+# JPEGs each (default 8: a batch job's messages, a BYTES input). QUICK=1 leaves out the gpu tests and the
+# profile; VARIANTS=1 adds the asyncio loop and explicit GPU-lane runs. Wheels: .whl/ (bench/gpu/fetch_wheels.sh).
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-one-per-gpu}}
 OUT=$RESULTS/data
@@ -23,11 +26,20 @@ CLIENTS=${CLIENTS:-6}
 step() { echo "== $(date +%T) $*" >&2; }
 
 step install carried wheels
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
+# nvImageCodec (and nvJPEG, where the machine lacks it) into the interpreter's own site-packages: its
+# `nvidia` package must not shadow the one torch's CUDA libraries live in.
+nvidia=(.whl/nvidia_nvimgcodec_*.whl)
+$PY -c 'import nvidia.nvjpeg' 2>/dev/null || nvidia+=(.whl/nvidia_nvjpeg-*.whl)
+$PY -m pip install -q --no-index --no-deps --no-cache-dir --break-system-packages "${nvidia[@]}" 2>&1 | tail -2
+others=(); for w in .whl/*.whl; do case $w in .whl/nvidia_*) ;; *) others+=("$w") ;; esac; done
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${others[@]}" 2>&1 | tail -2
 export PYTHONPATH=$PWD:/tmp/site
 export PATH=/tmp/site/bin:$PATH
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc | sed 's/^/cpus /';
-  $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])'; } | tee "$OUT/gpu.txt"
+  lscpu | grep -E "^(Model name|Thread|Core|Socket)" ;
+  $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])';
+  $PY -c 'import nvidia.nvimgcodec as n, nvidia.nvjpeg as j; print("nvimgcodec", n.__version__, "nvjpeg", list(j.__path__))';
+  } 2>&1 | tee "$OUT/gpu.txt"
 
 step "gpu tests (in the background while the models build)"
 if [ "${QUICK:-0}" != 1 ]; then
@@ -40,6 +52,9 @@ $PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
 $PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json --fp16 \
     --repository "$R" --name trivial 2>&1 | tail -2
 [ -n "${tests:-}" ] && { wait "$tests"; tail -3 "$OUT/gpu-tests.txt"; }
+
+step "the JPEG decoders alone (224x224, batch 256)"
+$PY bench/gpu/decode_probe.py --batch 256 --seconds 2 --processes 8 2>&1 | grep -v Warning | tee "$OUT/decoders.txt"
 
 step engine-only
 $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model resnet50 --duration-s 2 --json \
@@ -64,22 +79,26 @@ TUNED=(--worker-arg=--gpu-normalise --worker-arg=--decode-processes=4 --worker-a
        --worker-arg=--gil-switch-ms=1 --worker-arg=--preprocess-lanes=1 --worker-arg=--pipeline-depth=1)
 
 step "resnet50: one worker, no flags (>= 100k requests), two tuned workers, variants"
-e2e resnet50 default1 1 "${LONG:-12}"
+e2e resnet50 default1 1 "${LONG:-14}"
+e2e resnet50 nohw1 1 6 --worker-arg=--no-nvimgcodec
 e2e resnet50 tuned2 2 6 "${TUNED[@]}"
 e2e resnet50 default1-again 1 6
-if [ "${QUICK:-0}" != 1 ]; then
+if [ "${VARIANTS:-0}" = 1 ]; then
     e2e resnet50 asyncio1 1 6 --worker-arg=--event-loop=asyncio
     e2e resnet50 gpulane1 1 6 --worker-arg=--gpu-decode-lanes=1
 fi
 
 step "trivial model, ${LIGHT_FRAMES:=8} JPEGs a message: one worker, no flags; every JPEG on the GPU"
 e2e trivial default1 1 6 --frames "$LIGHT_FRAMES"
-[ "${QUICK:-0}" = 1 ] || e2e trivial gpulane1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode-lanes=1
-e2e trivial gpudecode1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode
+e2e trivial nohw1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--no-nvimgcodec
+[ "${VARIANTS:-0}" != 1 ] || e2e trivial gpulane1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode-lanes=1
+e2e trivial gpudecode1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode --worker-arg=--no-nvimgcodec
+e2e trivial hwdecode1 1 6 --frames "$LIGHT_FRAMES" --worker-arg=--gpu-decode --worker-arg=--nvimgcodec
 
 step "idle: one JPEG at a time, one worker, no flags (a lone JPEG on the GPU), then decoded on the CPU"
-for variant in idle idle-cpu; do
+for variant in idle idle-hw idle-cpu; do
     extra=()
+    [ "$variant" = idle-hw ] && extra=(--worker-arg=--nvimgcodec)
     [ "$variant" = idle-cpu ] && extra=(--worker-arg=--no-gpu-decode)
     $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model resnet50 --payload jpeg \
         --concurrency 1 --duration-s 5 --warmup-s 2 --no-progress --worker-cpus "$CPUS" \

@@ -23,7 +23,7 @@ def main(out: Path) -> None:
         print(f"{'batch':>6} {'img/s':>9} {'p50 ms':>8}")
         for row in engines[model]:
             print(f"{row['batch']:>6} {row['frames_per_s']:>9.0f} {row['latency_ms_p50']:>8.2f}")
-    header = f"{'run':<22} {'load':>6} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
+    header = f"{'run':<22} {'load':>6} {'img/s':>8} {'images':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
     print(f"\n{header} {'GPU MiB before/after':>21}")
     best: dict[str, float] = {}
     idle_p50: dict[str, float] = {}
@@ -35,7 +35,7 @@ def main(out: Path) -> None:
             before, after = point.get("gpu_memory_before_bytes"), point.get("gpu_memory_after_bytes")
             memory = f"{before / 2**20:.0f}/{after / 2**20:.0f}" if before and after else "-"
             batch = f"{point['mean_batch']:.1f}" if point.get("mean_batch") else "-"
-            row = f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f}"
+            row = f"{name:<22} {point['load']:>6g} {s['frames_per_s']:>8.0f} {s['frames']:>8}"
             row += f" {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
             print(f"{row} {batch:>6} {memory:>21}  {s['errors'] or ''}")
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
@@ -52,7 +52,9 @@ def main(out: Path) -> None:
     if memory_files:
         print(f"\n{'GPU MiB used, whole run':<34} {'at 40%':>7} {'at 70%':>7} {'last':>7} {'max':>7}")
     for path in memory_files:
-        samples = [int(line) for line in path.read_text().split() if line.strip().isdigit()]
+        # nvidia-smi's CSV lines: "memory.used, utilization.gpu"
+        fields = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+        samples = [int(field) for field in fields if field.isdigit()]
         if samples:
             name = path.stem.removeprefix("memory-")
             at = [samples[int(len(samples) * f)] for f in (0.4, 0.7)]

@@ -315,7 +315,8 @@ class ProcessDecoding(GpuPreprocessing):
     normalised there (`--decode-processes N`, shared among the lanes); with `--gpu-decode` too, batches
     of up to `GPU_DECODE_UP_TO` JPEGs decode on the GPU instead (a lone request's latency), and
     `gpu_lanes` more lanes decode whole JPEG batches on the GPU beside the processes' lanes (where the
-    engine is light and the CPU's decoding is the limit: a batch goes to whichever lane is free)."""
+    CPU's decoding cannot keep up with the engine: a batch goes to whichever lane is free), on the
+    hardware JPEG engine with `gpu_lanes_nvimgcodec` where nvImageCodec finds one."""
 
     name = "decode-processes"
 
@@ -331,6 +332,7 @@ class ProcessDecoding(GpuPreprocessing):
         tools: GpuTools,
         lanes: int = 1,
         gpu_lanes: int = 0,
+        gpu_lanes_nvimgcodec: bool = False,
     ) -> None:
         lanes = max(1, min(lanes, processes))
         shares = [processes // lanes + (1 if i < processes % lanes else 0) for i in range(lanes)]
@@ -349,7 +351,14 @@ class ProcessDecoding(GpuPreprocessing):
                 lane.with_processes(share)
             for _ in range(gpu_lanes):
                 made.append(
-                    _Lane(tools, preprocess, device, max_frames, jpeg_decoder=True, nvimgcodec=nvimgcodec)
+                    _Lane(
+                        tools,
+                        preprocess,
+                        device,
+                        max_frames,
+                        jpeg_decoder=True,
+                        nvimgcodec=gpu_lanes_nvimgcodec,
+                    )
                 )
         except BaseException:
             for lane in made:
@@ -380,8 +389,12 @@ class ProcessDecoding(GpuPreprocessing):
         small = f"; up to {GPU_DECODE_UP_TO} JPEGs on the GPU" if self._small_on_gpu else ""
         process_lanes = [lane for lane in self._lanes if lane.processes is not None]
         pinned = ", page-locked" if all(lane.pinned for lane in process_lanes) else ""
-        gpu = len(self._lanes) - len(process_lanes)
-        beside = f"; {gpu} more lane(s) decoding JPEG batches on the GPU" if gpu else ""
+        gpu_lanes = [lane for lane in self._lanes if lane.processes is None]
+        beside = (
+            f"; {len(gpu_lanes)} more lane(s) decoding JPEG batches on the GPU ({gpu_lanes[0].library})"
+            if gpu_lanes
+            else ""
+        )
         return (
             f"images decoded in {self._processes} processes ({len(process_lanes)} lane(s)) into shared "
             f"memory{pinned}, normalised on the GPU{small}{beside}"
