@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,8 +465,11 @@ async def embedded_stack(
     devices: Sequence[int] = (),
     worker_cpus: set[int] | None = None,
     worker_log_level: str = "WARNING",
+    before_workers: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """A nats-server and `workers` worker (or bare loop) subprocesses; yields (nats url, metrics urls).
+
+    `before_workers`, where given, is awaited with the server's URL before any worker starts.
 
     With `devices`, worker i runs on GPU `devices[i % len(devices)]` (one worker per GPU: `--devices 0,1`).
     With `worker_cpus`, the workers run on those CPUs alone (as a pod's CPU limit would have them), and
@@ -475,6 +478,8 @@ async def embedded_stack(
     if worker_cpus:
         os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - worker_cpus)  # children inherit it
     async with EmbeddedNatsServer() as server:
+        if before_workers is not None:
+            await before_workers(server.url)
         processes: list[subprocess.Popen[bytes]] = []
         metrics_urls: list[str] = []
         try:
@@ -639,6 +644,43 @@ async def _run_levels(
     return points
 
 
+async def _drain_backlog(
+    settings: BenchSettings, repository: Path, payload: Payload, frames: int
+) -> BenchPoint:
+    """`--backlog N`: N requests stored, then the workers started and timed answering them."""
+    from .drain import Backlog
+
+    backlog = Backlog(settings.model, payload, count=settings.backlog, input_name=settings.input_name)
+    try:
+        async with embedded_stack(
+            repository,
+            settings.model,
+            bare=False,
+            worker_args=settings.worker_arg or [],
+            workers=settings.workers,
+            devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
+            worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
+            worker_log_level=settings.worker_log_level,
+            before_workers=backlog.publish,
+        ) as (_, metrics_urls):
+            before = _scrape_all(metrics_urls)
+            await backlog.wait(settings.timeout_s)
+            after = _scrape_all(metrics_urls)
+            await backlog.close()  # before the server stops
+    finally:
+        await backlog.close()
+    point = BenchPoint("backlog", float(settings.backlog), backlog.summary(frames))
+    # The workers started with the backlog: their counters since start are the whole drain (some of
+    # it may be done before they are ready).
+    point.batches = int(after["batches"])
+    if after["gpu_memory_bytes"]:
+        point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
+        point.gpu_memory_after_bytes = after["gpu_memory_bytes"]
+    if point.batches:
+        point.mean_batch = after["frames"] / point.batches
+    return point
+
+
 def round_ratios(points: list[BenchPoint], engine: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Per round, best worker frames/s over best bare loop (and over best engine-only, where measured).
 
@@ -750,6 +792,10 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         if settings.embedded:
             assert repository is not None
             modes = ["worker", "bare"] if settings.bare else ["worker"]
+            if settings.backlog:
+                point = await _drain_backlog(settings, repository, payload, frames)
+                points.append(dataclasses.replace(point, round=number))
+                modes = []
             for mode in modes:
                 async with embedded_stack(
                     repository,

@@ -98,6 +98,12 @@ class BenchSettings(ConnectionSettings):
     bare: bool = setting(
         False, "with --embedded: also run the bare fetch/ack/reply loop in place of the worker"
     )
+    backlog: int = setting(
+        0,
+        "with --embedded: store this many requests in the stream before the workers start, then time "
+        "them answering (from the reply that makes 10% to the last): the workers alone, no load "
+        "generator in the loop, as for a batch job that pushes every frame first (0: the load levels)",
+    )
     # output
     json: Path | None = setting(None, "write the report as JSON here ('-' for stdout)")
     plot: Path | None = setting(None, "write latency against throughput as a PNG")
@@ -121,6 +127,8 @@ class BenchSettings(ConnectionSettings):
         require(self.frames >= 1, "frames", "must be at least 1")
         require(all(b >= 1 for b in self.engine_batch), "engine_batch", "must be at least 1")
         require(not self.bare or self.embedded, "bare", "the bare loop baseline needs --embedded")
+        require(self.backlog == 0 or self.backlog >= 10, "backlog", "must be 0 or at least 10 requests")
+        require(not self.backlog or self.embedded, "backlog", "a backlog needs --embedded")
         if self.shape is not None:
             parts = self.shape.split(",")
             require(

@@ -92,6 +92,44 @@ def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path:
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_backlog_is_stored_first_then_every_request_answered_and_timed(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    report_path = tmp_path / "report.json"
+    common = [
+        "--repository",
+        str(demo_repository),
+        "--model",
+        "identity",
+        "--payload",
+        "tensor",
+        "--shape",
+        "256",
+    ]
+    result = run_cli(
+        "bench", "--embedded", *common, "--backlog", "2000", "--json", str(report_path), "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [point] = json.loads(report_path.read_text())["points"]
+    assert point["mode"] == "backlog"
+    summary = point["summary"]
+    assert summary["requests"] == 2000  # every stored request answered, none twice
+    assert summary["errors"] == {}
+    assert summary["frames_per_s"] > 0
+    # Stored before the worker started: its batches were full, not the trickle of a closed loop.
+    assert point["mean_batch"] > 8
+
+
+def test_a_backlog_needs_the_embedded_stack() -> None:
+    from jetinfer.bench.settings import BenchSettings
+    from jetinfer.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="--embedded"):
+        BenchSettings(backlog=100)
+    with pytest.raises(SettingsError, match="at least 10"):
+        BenchSettings(embedded=True, backlog=5)
+
+
 def test_round_ratios_compare_within_each_round() -> None:
     """A slow second round lowers both worker and bare loop: its ratio stays its own."""
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# bench/gpu/backlog.sh OUTDIR — one `jetinfer serve` per GPU with no tuning flags, timed on a full stream
+# (`jetinfer bench --backlog N`: N requests stored, then the worker started and timed answering them), so
+# the load generators' own CPU is out of the loop; in the same call the engines alone, the same backlog
+# with `--no-nvimgcodec` (the GPU lanes on the SMs) and with two tuned workers, a closed loop as
+# bench/gpu/one_per_gpu.sh runs it (with the load processes' CPU read from /proc), and idle latency.
+# ResNet-50 fp16 and the trivial model (bench/gpu/trivial_model.py), JPEG 224x224. Workers on
+# WORKER_CPUS (default 0-9), nats-server and the load on the rest. Every run has its own time limit, and
+# the table is printed and OUTDIR/results.tar.gz packed whatever happened. Wheels: .whl/.
+set -uo pipefail
+RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
+OUT=$RESULTS/data
+mkdir -p "$OUT"
+export TQDM_DISABLE=1
+PY=python3
+R=/tmp/jetinfer-gpu-models
+CPUS=${WORKER_CPUS:-0-9}
+step() { echo "== $(date +%T) $*" >&2; }
+finish() {
+    step summary
+    $PY bench/gpu/summarize.py "$OUT" > "$OUT/summary.txt" 2>&1
+    for f in "$OUT"/err-*.txt; do
+        grep -h "chosen from" "$f" | sed "s|^.*serving from|$(basename "$f" .txt): serving from|" | head -1
+    done >> "$OUT/summary.txt"
+    tar -czf "$RESULTS/results.tar.gz" -C "$OUT" .
+    cat "$OUT/summary.txt"
+}
+trap finish EXIT
+
+step install carried wheels
+nvidia=(.whl/nvidia_nvimgcodec_*.whl)
+$PY -c 'import nvidia.nvjpeg' 2>/dev/null || nvidia+=(.whl/nvidia_nvjpeg-*.whl)
+$PY -m pip install -q --no-index --no-deps --no-cache-dir --break-system-packages "${nvidia[@]}" 2>&1 | tail -2
+others=(); for w in .whl/*.whl; do case $w in .whl/nvidia_*|.whl/efficientnet*) ;; *) others+=("$w") ;; esac; done
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${others[@]}" 2>&1 | tail -2
+export PYTHONPATH=$PWD:/tmp/site
+export PATH=/tmp/site/bin:$PATH
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc | sed 's/^/cpus /';
+  $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])'; } \
+  2>&1 | tee "$OUT/gpu.txt"
+
+step build
+$PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 --repository "$R" 2>&1 | tail -1
+$PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
+$PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json --fp16 \
+    --repository "$R" --name trivial 2>&1 | tail -1
+
+step engine-only
+for model in resnet50 trivial; do
+    timeout 60 $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model $model \
+        --duration-s 2 --json --batch 1 --batch 128 --batch 256 > "$OUT/engine-$model.json"
+done
+
+run() {  # model name limit_s bench-args...
+    local model=$1 name=$2 limit=$3; shift 3
+    step "$model $name"
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 \
+        > "$OUT/memory-$model-$name.txt" &
+    local sampler=$!
+    timeout "$limit" $PY -m jetinfer.cli --log-level WARNING bench --embedded --repository "$R" --model "$model" \
+        --payload jpeg --worker-cpus "$CPUS" --no-progress --json "$OUT/e2e-$model-$name.json" \
+        --worker-log-level INFO --worker-arg=--lag-poll-s=1 "$@" > "$OUT/out-$model-$name.txt" \
+        2> "$OUT/err-$model-$name.txt" || echo "run $model $name failed (exit $?)" >&2
+    kill "$sampler" 2>/dev/null
+}
+TUNED=(--worker-arg=--gpu-normalise --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode
+       --worker-arg=--gil-switch-ms=1 --worker-arg=--preprocess-lanes=1 --worker-arg=--pipeline-depth=1)
+
+run resnet50 backlog-default1 90 --backlog "${LONG:-120000}" --timeout-s 20
+run resnet50 backlog-nohw1 60 --backlog 60000 --timeout-s 20 --worker-arg=--no-nvimgcodec
+run resnet50 backlog-tuned2 60 --backlog 60000 --timeout-s 20 --workers 2 "${TUNED[@]}"
+run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+run trivial backlog-nohw1-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--no-nvimgcodec
+run trivial backlog-default1-f1 60 --backlog 100000 --timeout-s 20
+
+step "closed loop, resnet50, no flags: the load processes' CPU"
+run resnet50 closed-default1 45 --concurrency 1024 --clients 6 --duration-s 8 --warmup-s 3 &
+bench=$!
+sleep 20
+top -b -n 1 -w 200 | head -40 > "$OUT/top-closed.txt"
+wait $bench
+
+for variant in idle idle-hw; do
+    extra=()
+    [ "$variant" = idle-hw ] && extra=(--worker-arg=--nvimgcodec)
+    run resnet50 "$variant" 40 --concurrency 1 --duration-s 5 --warmup-s 2 "${extra[@]}"
+done
