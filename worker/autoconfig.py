@@ -10,8 +10,8 @@ a GPU and whether the model takes images. From those it chooses (`plan`):
   JPEG batches (a lone request) decode on the GPU where torchvision can; uint8 pixels normalised on the
   GPU; the GIL handed over every millisecond (the threads feeding the GPU wait for it otherwise). Where
   the processes cannot keep up with the engine (both measured at start, `probe_rates`), one or two
-  more lanes decode whole JPEG batches on the GPU: on its hardware JPEG engine where nvImageCodec finds
-  one (no SM time taken from the model), else with nvJPEG on the SMs.
+  more lanes decode whole JPEG batches on the GPU: with nvJPEG on the SMs, or with `--nvimgcodec` on
+  its hardware JPEG engine (no SM time taken from the model; timed at start too).
 - CPU backend (or a tensor model): decode threads and ONNX Runtime's intra-op threads sized to the cores.
 
 Every choice is a setting; one given on the command line or in the environment wins. `Plan.describe()`
@@ -134,7 +134,7 @@ def plan(
             decode_processes=settings.decode_processes or 0,
             lanes=settings.preprocess_lanes or 1,
             gpu_lanes=settings.gpu_decode_lanes or 0,
-            hardware_lanes=bool(settings.nvimgcodec),
+            hardware_lanes=settings.nvimgcodec,
             decode_threads=threads,
             pipeline_depth=settings.pipeline_depth or 1,
             gil_switch_ms=settings.gil_switch_ms or 0.0,
@@ -158,7 +158,7 @@ def plan(
         gpu_decode = importlib.util.find_spec("torchvision") is not None
         reasons.append("small JPEG batches on the GPU" if gpu_decode else "no torchvision: JPEGs on the CPU")
     lanes = settings.preprocess_lanes or (GPU_LANES if processes >= GPU_LANES or not processes else 1)
-    hardware = rates.hardware_decode if rates is not None and settings.nvimgcodec is not False else None
+    hardware = rates.hardware_decode if rates is not None and settings.nvimgcodec else None
     gpu_lanes = settings.gpu_decode_lanes
     if gpu_lanes is None:
         gpu_lanes = 0
@@ -177,7 +177,7 @@ def plan(
                 reasons.append(
                     f"{measured}: {gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
                 )
-    hardware_lanes = bool(settings.nvimgcodec) or (gpu_lanes > 0 and hardware is not None)
+    hardware_lanes = settings.nvimgcodec
     depth = settings.pipeline_depth or lanes + gpu_lanes
     switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
     reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")

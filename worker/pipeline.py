@@ -143,7 +143,7 @@ class Pipeline:
                 current.backend,
                 current.config,
                 self.max_batch,
-                hardware=settings.nvimgcodec is not False,
+                hardware=settings.nvimgcodec,
                 device=settings.device,
             )
         the_plan = self.plan = plan(

@@ -21,6 +21,7 @@ Pure: no NATS calls, no settings read from the environment.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ class ReplyPolicy:
         """A policy from settings values (a list of prefixes, the worker's `nats_inbox_prefix`)."""
         return cls(prefixes=tuple(prefixes), own_inbox_prefix=own_inbox_prefix)
 
+    def _dotted(self, tenant: str | None) -> tuple[str, ...]:
+        """`namespaces(tenant)`, each with its "." (cached: every reply asks)."""
+        return _dotted_namespaces(self, tenant)
+
     def namespaces(self, tenant: str | None) -> tuple[str, ...]:
         """The prefixes replies of `tenant`'s requests (None: no tenant) must be strictly below."""
         return self.prefixes if tenant is None else tuple(f"{p}.{tenant}" for p in self.prefixes)
@@ -87,6 +92,9 @@ class ReplyPolicy:
             raise InvalidInputError(
                 f"{HEADER_REPLY_TO} {reply_to[:64]!r} is the worker's own inbox: replies never go there"
             )
+        # One C call for the usual case; a subject equal to a prefix plus "." alone is not below it.
+        if reply_to.startswith(self._dotted(tenant)) and not reply_to.endswith("."):
+            return reply_to
         allowed = self.namespaces(tenant)
         if any(_below(reply_to, prefix) for prefix in allowed):
             return reply_to
@@ -96,3 +104,8 @@ class ReplyPolicy:
             f"{HEADER_REPLY_TO} {reply_to[:64]!r} is not a reply subject: replies of {whose} go only "
             f"below {where}"
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _dotted_namespaces(policy: ReplyPolicy, tenant: str | None) -> tuple[str, ...]:
+    return tuple(f"{prefix}." for prefix in policy.namespaces(tenant))

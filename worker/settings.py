@@ -132,12 +132,12 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
     event_loop: str = setting(
         "auto", "asyncio event loop: uvloop, asyncio, or auto (uvloop where it is installed)"
     )
-    nvimgcodec: bool | None = setting(
-        None,
-        "decode JPEGs with nvImageCodec on the GPU's hardware JPEG engine (no SM time taken from the "
-        "model; nvidia-nvimgcodec-cu13): on, every JPEG decoded on the GPU uses it; off, never "
-        "(torchvision's nvJPEG) (default: chosen at start: the lanes decoding JPEG batches on the GPU "
-        "use it where it is installed and its hardware backend passes a self-test)",
+    nvimgcodec: bool = setting(
+        False,
+        "decode JPEGs on the GPU's hardware JPEG engine with nvImageCodec (nvidia-nvimgcodec-cu13; no SM "
+        "time taken from the model): the lanes decoding JPEG batches on the GPU, and with --gpu-decode "
+        "every JPEG; where it is missing or fails its self-test, torchvision's nvJPEG (off by default: "
+        "no faster end to end yet, docs/benchmarks.md)",
     )
     reload_poll_s: float = setting(30.0, "poll the repository for new versions this often (0: signal only)")
     lag_poll_s: float = setting(5.0, "read consumer lag from the server this often (for metrics)")

@@ -6,7 +6,8 @@
 # bench/gpu/one_per_gpu.sh runs it (with the load processes' CPU read from /proc), and idle latency.
 # ResNet-50 fp16 and the trivial model (bench/gpu/trivial_model.py), JPEG 224x224. Workers on
 # WORKER_CPUS (default 0-9), nats-server and the load on the rest. Every run has its own time limit, and
-# the table is printed and OUTDIR/results.tar.gz packed whatever happened. Wheels: .whl/.
+# the table is printed and OUTDIR/results.tar.gz packed whatever happened. SET=variants runs ResNet-50's
+# backlog instead with one setting changed at a time (N requests each, default 40,000). Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -28,25 +29,21 @@ finish() {
 trap finish EXIT
 
 step install carried wheels
-nvidia=(.whl/nvidia_nvimgcodec_*.whl)
-$PY -c 'import nvidia.nvjpeg' 2>/dev/null || nvidia+=(.whl/nvidia_nvjpeg-*.whl)
-$PY -m pip install -q --no-index --no-deps --no-cache-dir --break-system-packages "${nvidia[@]}" 2>&1 | tail -2
-others=(); for w in .whl/*.whl; do case $w in .whl/nvidia_*|.whl/efficientnet*) ;; *) others+=("$w") ;; esac; done
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${others[@]}" 2>&1 | tail -2
-export PYTHONPATH=$PWD:/tmp/site
-export PATH=/tmp/site/bin:$PATH
+source bench/gpu/install.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc | sed 's/^/cpus /';
   $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])'; } \
   2>&1 | tee "$OUT/gpu.txt"
 
 step build
 $PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 --repository "$R" 2>&1 | tail -1
-$PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
-$PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json --fp16 \
-    --repository "$R" --name trivial 2>&1 | tail -1
+if [ "${SET:-all}" != variants ]; then
+    $PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
+    $PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json \
+        --fp16 --repository "$R" --name trivial 2>&1 | tail -1
+fi
 
 step engine-only
-for model in resnet50 trivial; do
+for model in resnet50 $([ "${SET:-all}" = variants ] || echo trivial); do
     timeout 60 $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model $model \
         --duration-s 2 --json --batch 1 --batch 128 --batch 256 > "$OUT/engine-$model.json"
 done
@@ -66,6 +63,17 @@ run() {  # model name limit_s bench-args...
 TUNED=(--worker-arg=--gpu-normalise --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode
        --worker-arg=--gil-switch-ms=1 --worker-arg=--preprocess-lanes=1 --worker-arg=--pipeline-depth=1)
 
+if [ "${SET:-all}" = variants ]; then  # ResNet-50's backlog with one setting changed at a time
+    N=${N:-40000}
+    run resnet50 backlog-default1 60 --backlog "$N" --timeout-s 20
+    run resnet50 backlog-gil5ms1 60 --backlog "$N" --timeout-s 20 --worker-arg=--gil-switch-ms=0
+    run resnet50 backlog-fetch8-1 60 --backlog "$N" --timeout-s 20 --worker-arg=--fetch-batches=8
+    run resnet50 backlog-lanes4-1 60 --backlog "$N" --timeout-s 20 --worker-arg=--preprocess-lanes=4
+    run resnet50 backlog-hw1 60 --backlog "$N" --timeout-s 20 --worker-arg=--nvimgcodec
+    run resnet50 backlog-procs12-1 60 --backlog "$N" --timeout-s 20 --worker-arg=--decode-processes=12
+    run resnet50 backlog-default1-again 60 --backlog "$N" --timeout-s 20
+    exit
+fi
 run resnet50 backlog-default1 90 --backlog "${LONG:-120000}" --timeout-s 20
 run resnet50 backlog-nohw1 60 --backlog 60000 --timeout-s 20 --worker-arg=--no-nvimgcodec
 run resnet50 backlog-tuned2 60 --backlog 60000 --timeout-s 20 --workers 2 "${TUNED[@]}"

@@ -26,15 +26,7 @@ CLIENTS=${CLIENTS:-6}
 step() { echo "== $(date +%T) $*" >&2; }
 
 step install carried wheels
-# nvImageCodec (and nvJPEG, where the machine lacks it) into the interpreter's own site-packages: its
-# `nvidia` package must not shadow the one torch's CUDA libraries live in.
-nvidia=(.whl/nvidia_nvimgcodec_*.whl)
-$PY -c 'import nvidia.nvjpeg' 2>/dev/null || nvidia+=(.whl/nvidia_nvjpeg-*.whl)
-$PY -m pip install -q --no-index --no-deps --no-cache-dir --break-system-packages "${nvidia[@]}" 2>&1 | tail -2
-others=(); for w in .whl/*.whl; do case $w in .whl/nvidia_*) ;; *) others+=("$w") ;; esac; done
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${others[@]}" 2>&1 | tail -2
-export PYTHONPATH=$PWD:/tmp/site
-export PATH=/tmp/site/bin:$PATH
+source bench/gpu/install.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc | sed 's/^/cpus /';
   lscpu | grep -E "^(Model name|Thread|Core|Socket)" ;
   $PY -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])';

@@ -8,10 +8,7 @@ OUT=$RESULTS/data
 mkdir -p "$OUT"
 PY=python3
 R=/tmp/jetinfer-gpu-models
-$PY -m pip install -q --no-index --no-deps --no-cache-dir --break-system-packages .whl/nvidia_nvimgcodec_*.whl 2>&1 | tail -1
-others=(); for w in .whl/*.whl; do case $w in .whl/nvidia_*|.whl/efficientnet*) ;; *) others+=("$w") ;; esac; done
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${others[@]}" 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH TQDM_DISABLE=1
+source bench/gpu/install.sh
 $PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
 $PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json --fp16 \
     --repository "$R" --name trivial 2>&1 | tail -1

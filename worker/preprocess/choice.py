@@ -48,7 +48,7 @@ def _choose(
                 preprocess,
                 processes=plan.decode_processes,
                 small_batches_on_gpu=plan.gpu_decode,
-                nvimgcodec=bool(settings.nvimgcodec),
+                nvimgcodec=settings.nvimgcodec,
                 gpu_lanes=plan.gpu_lanes,
                 gpu_lanes_nvimgcodec=plan.hardware_lanes,
                 **common,  # type: ignore[arg-type]
@@ -68,7 +68,7 @@ def _choose(
         try:
             return GpuDecode(
                 preprocess,
-                nvimgcodec=bool(settings.nvimgcodec),
+                nvimgcodec=settings.nvimgcodec,
                 normalise_others=plan.gpu_normalise,
                 **common,  # type: ignore[arg-type]
             )
