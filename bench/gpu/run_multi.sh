@@ -12,7 +12,7 @@ R=/tmp/jetinfer-gpu-models
 step() { echo "== $(date +%T) $*" >&2; }
 
 step install carried wheels
-$PY -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | tail -2 || true
+source bench/gpu/install.sh
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 
