@@ -12,7 +12,6 @@ worker's steady rate on a full stream.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 import time
 from collections import Counter
@@ -24,8 +23,6 @@ from jetinfer.producer.client import Client, Payload, encode_payload
 from jetinfer.protocol import request_headers
 from jetinfer.settings import ConnectionSettings, StreamSettings
 from jetinfer.streams import INFER_STREAM, ensure_streams, infer_subject, register_model
-
-from .load import LatencySummary
 
 __all__ = ["Backlog"]
 
@@ -95,27 +92,14 @@ class Backlog:
                     self.errors["no reply"] += self.count - seen
                     return
 
-    def summary(self, frames_per_request: int) -> LatencySummary:
-        """The drain rate from the 10% reply to the last; latencies are not what this measures (NaN)."""
+    def drain_rate(self) -> tuple[float, float]:
+        """(requests answered per second, seconds) from the reply that makes 10% of the backlog to the last."""
         arrivals = sorted(self.arrivals)
-        first = min(len(arrivals) - 1, self.count // 10) if arrivals else 0
-        span = arrivals[-1] - arrivals[first] if arrivals else 0.0
-        answered = len(arrivals) - 1 - first
-        rate = answered / span if span > 0 else 0.0
-        nan = math.nan
-        return LatencySummary(
-            requests=len(arrivals),
-            frames=len(arrivals) * frames_per_request,
-            elapsed_s=span,
-            requests_per_s=rate,
-            frames_per_s=rate * frames_per_request,
-            p50_ms=nan,
-            p90_ms=nan,
-            p99_ms=nan,
-            max_ms=nan,
-            mean_ms=nan,
-            errors=dict(self.errors),
-        )
+        if len(arrivals) < 2:
+            return 0.0, 0.0
+        first = min(len(arrivals) - 2, self.count // 10)
+        span = arrivals[-1] - arrivals[first]
+        return ((len(arrivals) - 1 - first) / span if span > 0 else 0.0), span
 
     async def close(self) -> None:
         """Close the connection (again: nothing)."""

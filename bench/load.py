@@ -669,7 +669,22 @@ async def _drain_backlog(
             await backlog.close()  # before the server stops
     finally:
         await backlog.close()
-    point = BenchPoint("backlog", float(settings.backlog), backlog.summary(frames))
+    (rate, span), nan = backlog.drain_rate(), math.nan
+    answered = len(backlog.arrivals)
+    summary = LatencySummary(  # latencies are not what a backlog measures
+        requests=answered,
+        frames=answered * frames,
+        elapsed_s=span,
+        requests_per_s=rate,
+        frames_per_s=rate * frames,
+        p50_ms=nan,
+        p90_ms=nan,
+        p99_ms=nan,
+        max_ms=nan,
+        mean_ms=nan,
+        errors=dict(backlog.errors),
+    )
+    point = BenchPoint("backlog", float(settings.backlog), summary)
     # The workers started with the backlog: their counters since start are the whole drain (some of
     # it may be done before they are ready).
     point.batches = int(after["batches"])
