@@ -93,7 +93,7 @@ class Backlog:
                     return
 
     def drain_rate(self) -> tuple[float, float]:
-        """(requests answered per second, seconds) from the reply that makes 10% of the backlog to the last."""
+        """(requests answered per second, seconds): from the reply that makes 10% of N to the last."""
         arrivals = sorted(self.arrivals)
         if len(arrivals) < 2:
             return 0.0, 0.0
