@@ -123,6 +123,8 @@ class BenchPoint:
     gpu_memory_after_bytes: float | None = None
     #: Medians of the replies' worker timings (queue_ms, infer_ms, total_ms); one load process only.
     worker_timing_p50_ms: dict[str, float] = field(default_factory=dict)
+    #: Per pipeline stage, the share of its time each activity took (jetinfer_stage_seconds_total).
+    stage_shares: dict[str, dict[str, float]] = field(default_factory=dict)
     round: int = 1
 
 
@@ -325,7 +327,24 @@ def scrape_worker_metrics(url: str) -> dict[str, float]:
                 out["requests"] += sample.value
             elif sample.name == "jetinfer_gpu_memory_used_bytes":
                 out["gpu_memory_bytes"] += sample.value
+            elif sample.name == "jetinfer_stage_seconds_total":
+                key = f"stage:{sample.labels['stage']}:{sample.labels['activity']}"
+                out[key] = out.get(key, 0.0) + sample.value
     return out
+
+
+def stage_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per stage, each activity's share of the stage's time between two scrapes (`scrape_worker_metrics`)."""
+    spent: dict[str, dict[str, float]] = {}
+    for key, value in after.items():
+        if key.startswith("stage:"):
+            _, stage, activity = key.split(":")
+            spent.setdefault(stage, {})[activity] = max(0.0, value - before.get(key, 0.0))
+    return {
+        stage: {activity: seconds / total for activity, seconds in activities.items()}
+        for stage, activities in spent.items()
+        if (total := sum(activities.values())) > 0
+    }
 
 
 def _cat_jpeg(size: int | None) -> bytes:
@@ -634,6 +653,7 @@ async def _run_levels(
             }
             if metrics_urls and before is not None:
                 after = _scrape_all(metrics_urls)
+                point.stage_shares = stage_shares(before, after)
                 point.batches = int(after["batches"] - before["batches"])
                 if after["gpu_memory_bytes"]:
                     point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
@@ -688,6 +708,7 @@ async def _drain_backlog(
     # The workers started with the backlog: their counters since start are the whole drain (some of
     # it may be done before they are ready).
     point.batches = int(after["batches"])
+    point.stage_shares = stage_shares({}, after)
     if after["gpu_memory_bytes"]:
         point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
         point.gpu_memory_after_bytes = after["gpu_memory_bytes"]
@@ -736,6 +757,11 @@ def _table(points: list[BenchPoint], engine: list[dict[str, Any]]) -> str:
             + f"{p.mode:<8} {p.load:>7g} {s.requests_per_s:>9.1f} {s.frames_per_s:>9.1f} {s.p50_ms:>8.2f} "
             f"{s.p90_ms:>8.2f} {s.p99_ms:>8.2f} {s.max_ms:>8.2f} {batch:>6} {s.errors or '-'}"
         )
+    for p in points:
+        for stage, shares in p.stage_shares.items():
+            top = sorted(shares.items(), key=lambda item: -item[1])
+            listed = ", ".join(f"{activity} {share:.2f}" for activity, share in top if share >= 0.01)
+            lines.append(f"  {p.mode} {p.load:g}, {stage} stage: {listed}")
     for row in engine:
         at_once = row.get("batches_at_once", 1)
         load = f"{row['batch']}" if at_once == 1 else f"{row['batch']}x{at_once}"

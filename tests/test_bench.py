@@ -118,6 +118,13 @@ def test_a_backlog_is_stored_first_then_every_request_answered_and_timed(
     assert summary["frames_per_s"] > 0
     # Stored before the worker started: its batches were full, not the trickle of a closed loop.
     assert point["mean_batch"] > 8
+    # Where its stages spent their time: each stage's shares add up to the whole.
+    shares = point["stage_shares"]
+    assert set(shares) == {"form", "run", "settle"}
+    for stage in shares.values():
+        assert math.isclose(sum(stage.values()), 1.0)
+    assert shares["run"]["running"] > 0
+    assert "run stage: " in result.stdout
 
 
 def test_a_backlog_needs_the_embedded_stack() -> None:

@@ -39,6 +39,7 @@ from jetinfer.streams import (
     reload_subject,
 )
 from jetinfer.worker.metrics import GpuProbe, WorkerMetrics
+from jetinfer.worker.stage_clock import ACTIVITIES
 from tests.conftest import NatsUnderTest, running_worker
 
 FRAME = 16  # values per frame of the identity model (its per-frame shape is [-1])
@@ -56,6 +57,8 @@ WORKER_LABELS = {
     "jetinfer_oldest_request_age_seconds": {"model"},
     "jetinfer_gpu_utilization_ratio": {"gpu"},
     "jetinfer_gpu_memory_used_bytes": {"gpu"},
+    # Where the stages spend their time (worker/stage_clock.py): two labels beyond DESIGN.md's set.
+    "jetinfer_stage_seconds_total": {"model", "stage", "activity"},
 }
 # `jetinfer_<noun>_{total|seconds|bytes}`, and the unitless exceptions worker/metrics.py documents:
 # counts with no unit (frames per batch, messages behind, requests in flight) and Prometheus' `_ratio`.
@@ -222,6 +225,15 @@ async def test_metrics_under_load_count_every_request_with_the_agreed_names_and_
     assert total(mine, "jetinfer_inflight_requests") == 0
     assert total(mine, "jetinfer_reloads_total", status="loaded", version="1") == 1
     assert series(mine, "jetinfer_consumer_lag"), "the lag poll never ran"
+    # Every stage's every activity has a series; the busy ones took time, none more than the run lasted.
+    stage_seconds = {
+        (s.labels["stage"], s.labels["activity"]): s.value
+        for s in series(mine, "jetinfer_stage_seconds_total")
+    }
+    assert set(stage_seconds) == {(stage, a) for stage, acts in ACTIVITIES.items() for a in acts}
+    for busy in (("form", "forming"), ("run", "running"), ("settle", "settling")):
+        assert stage_seconds[busy] > 0, f"{busy} took no time"
+    assert all(value >= 0 for value in stage_seconds.values())
 
     # Names and labels: exactly the agreed set for every series this worker exports.
     for s in samples:

@@ -5,7 +5,8 @@ Names follow `jetinfer_<noun>_{total|seconds|bytes}`: counters end in `_total`, 
 says: `jetinfer_batch_size` (frames per batch), `jetinfer_consumer_lag` (messages),
 `jetinfer_inflight_requests` (requests), and `jetinfer_gpu_utilization_ratio` takes Prometheus' `_ratio`
 for a 0..1 fraction. Labels are drawn from the fixed set (`model`, `version`, `status`), plus `gpu`
-(the NVML device index) on the GPU gauges, which have no series at all where no GPU is found.
+(the NVML device index) on the GPU gauges, which have no series at all where no GPU is found, and
+`stage` and `activity` on `jetinfer_stage_seconds_total` (their values: `jetinfer.worker.stage_clock`).
 `version` is empty for requests refused before a version ran them (undecodable, expired).
 """
 
@@ -93,6 +94,12 @@ class WorkerMetrics:
             "jetinfer_oldest_request_age_seconds",
             "Age of the oldest request still in the stream",
             ["model"],
+            registry=registry,
+        )
+        self.stage_time = Counter(
+            "jetinfer_stage_seconds",
+            "Seconds each pipeline stage spent on each activity (where a busy worker waits)",
+            ["model", "stage", "activity"],
             registry=registry,
         )
         self.gpu_utilization = Gauge(

@@ -46,6 +46,7 @@ from .reply_policy import ReplyPolicy
 from .run import RanBatch, Runner
 from .settings import WorkerSettings
 from .settle import Settler
+from .stage_clock import StageClock
 
 __all__ = ["Pipeline", "Queued"]
 
@@ -79,6 +80,7 @@ class Pipeline:
         self._metrics = metrics
         self._decode_pool = decode_pool
         self.settler = Settler(model, nc, js, settings, metrics, refusals)
+        self._clock = StageClock(metrics, model)
         self.intake: Intake = intake or PullConsumer(
             nc, INFER_STREAM, consumer_name(model), capacity=1, heartbeat_s=settings.heartbeat_s
         )
@@ -216,13 +218,16 @@ class Pipeline:
         assert self._preprocessing is not None, "start() chooses it"
         assert self._runner is not None, "start() makes it"
         assert self._former is not None, "start() makes it"
+        timing = self._clock.timing
         while not self._stopping.is_set():
-            while self._batches.full() and not self._stopping.is_set():
-                self._room.clear()
-                await self._room.wait()
+            with timing("form", "waiting_for_room"):
+                while self._batches.full() and not self._stopping.is_set():
+                    self._room.clear()
+                    await self._room.wait()
             if self._stopping.is_set():
                 break
-            deliveries = await self.intake.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
+            with timing("form", "waiting_for_requests"):
+                deliveries = await self.intake.get(self.max_batch, self._settings.max_wait_ms / 1000.0)
             if not deliveries:
                 continue
             self.settler.hold(deliveries)
@@ -230,7 +235,8 @@ class Pipeline:
             current = self._slot.current
             assert current is not None, "a serving model keeps a version"
             try:
-                batches, rejected = await self._former.form(msgs, current.config, self.max_batch)
+                with timing("form", "forming"):
+                    batches, rejected = await self._former.form(msgs, current.config, self.max_batch)
             except Exception as exc:  # a bug in preparation must not lose the messages
                 logger.exception("model %s: preparing %d requests failed", self.model, len(msgs))
                 await self.settler.preparation_failed(msgs, exc)
@@ -243,36 +249,52 @@ class Pipeline:
                     await self.settler.give_back([r.msg for r in batch.requests])
                     continue
                 engine_busy = self._runner.busy > 0 or not self._batches.empty()
+                queued: Queued = batch
                 if engine_busy and self._preprocessing.wants_ahead(batch):
                     # Made into the model's input in a lane while the batches ahead of it run.
-                    await self._batches.put(
-                        asyncio.ensure_future(self._preprocessing.ahead(batch, current.config))
-                    )
-                else:
-                    await self._batches.put(batch)
+                    queued = asyncio.ensure_future(self._preprocessing.ahead(batch, current.config))
+                with timing("form", "waiting_for_room"):
+                    await self._batches.put(queued)
         for _ in range(self.batch_slots):  # one end marker per run task
             await self._batches.put(None)
 
     async def _run_stage(self) -> None:
         assert self._runner is not None
-        while (queued := await self._batches.get()) is not None:
+        timing = self._clock.timing
+        while True:
+            with timing("run", "waiting_for_batch"):
+                queued = await self._batches.get()
+            if queued is None:
+                break
             self._room.set()
-            batch = queued if isinstance(queued, Batch) else await queued
+            if isinstance(queued, Batch):
+                batch = queued
+            else:
+                with timing("run", "waiting_for_making"):
+                    batch = await queued
             try:
-                ran = await self._runner.run(batch)
+                with timing("run", "running"):
+                    ran = await self._runner.run(batch)
             except Exception as exc:  # a bug in running: the batch's requests are retried, not lost
                 logger.exception("model %s: running a batch of %d failed", self.model, len(batch.requests))
                 error = BackendError(f"running the batch failed: {type(exc).__name__}: {exc}")
                 ran = RanBatch(batch, "", time.time(), 0.0, tuple(error for _ in batch.requests))
-            await self._ran.put(ran)
+            with timing("run", "waiting_to_settle"):
+                await self._ran.put(ran)
         self._room.set()
         self._running -= 1
         if self._running == 0:  # the last run task to end tells the settle stage
             await self._ran.put(None)
 
     async def _settle_stage(self) -> None:
-        while (ran := await self._ran.get()) is not None:
-            await self.settler.answer(ran)
+        timing = self._clock.timing
+        while True:
+            with timing("settle", "waiting_for_batch"):
+                ran = await self._ran.get()
+            if ran is None:
+                break
+            with timing("settle", "settling"):
+                await self.settler.answer(ran)
         await self.settler.drain()
 
     # -- control -------------------------------------------------------------------------------------

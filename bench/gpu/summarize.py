@@ -39,6 +39,11 @@ def main(out: Path) -> None:
             row += f" {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}"
             print(f"{row} {batch:>6} {memory:>21}  {s['errors'] or ''}")
             best[name] = max(best.get(name, 0.0), s["frames_per_s"])
+            for stage, shares in (point.get("stage_shares") or {}).items():
+                listed = ", ".join(
+                    f"{a} {v:.2f}" for a, v in sorted(shares.items(), key=lambda i: -i[1]) if v >= 0.01
+                )
+                print(f"{'':<22} {stage}: {listed}")
             if "idle" in name:
                 idle_p50[name] = s["p50_ms"]
                 timing = point.get("worker_timing_p50_ms") or {}
