@@ -47,10 +47,14 @@ def test_empty_sample_is_nan_not_a_crash() -> None:
     assert summary.errors == {"RequestTimeoutError": 2}
 
 
+def _identity_args(repository: Path) -> list[str]:
+    """`jetinfer bench` arguments for the identity model of `repository` with 1 KB tensors."""
+    return ["--repository", str(repository), "--model", "identity", "--payload", "tensor", "--shape", "256"]
+
+
 def _identity_bench(repository: Path, *args: str) -> Any:
     """`jetinfer bench --embedded --bare` on the identity model with 1 KB tensors, plus `args`."""
-    common = ["--repository", str(repository), "--model", "identity", "--payload", "tensor", "--shape", "256"]
-    return run_cli("bench", "--embedded", *common, "--bare", *args)
+    return run_cli("bench", "--embedded", *_identity_args(repository), "--bare", *args)
 
 
 def test_short_embedded_run_with_both_baselines(demo_repository: Path, tmp_path: Path) -> None:
@@ -96,16 +100,7 @@ def test_a_backlog_is_stored_first_then_every_request_answered_and_timed(
     demo_repository: Path, tmp_path: Path
 ) -> None:
     report_path = tmp_path / "report.json"
-    common = [
-        "--repository",
-        str(demo_repository),
-        "--model",
-        "identity",
-        "--payload",
-        "tensor",
-        "--shape",
-        "256",
-    ]
+    common = _identity_args(demo_repository)
     result = run_cli(
         "bench", "--embedded", *common, "--backlog", "2000", "--json", str(report_path), "--no-progress"
     )
@@ -288,14 +283,7 @@ def test_kill_9_of_an_embedded_bench_takes_its_children_and_temp_folder_along(de
             "jetinfer.cli",
             "bench",
             "--embedded",
-            "--repository",
-            str(demo_repository),
-            "--model",
-            "identity",
-            "--payload",
-            "tensor",
-            "--shape",
-            "256",
+            *_identity_args(demo_repository),
             "--concurrency",
             "2",
             "--duration-s",

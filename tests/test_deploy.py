@@ -50,7 +50,12 @@ OVERLAYS = ("gpu", "cpu")
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 # The metrics a worker exports (DESIGN.md "Metrics and health"), as Prometheus exposes them.
-COUNTERS = {"jetinfer_requests_total", "jetinfer_reloads_total", "jetinfer_replies_refused_total"}
+COUNTERS = {
+    "jetinfer_requests_total",
+    "jetinfer_reloads_total",
+    "jetinfer_replies_refused_total",
+    "jetinfer_stage_seconds_total",
+}
 HISTOGRAMS = {
     "jetinfer_batch_size",
     "jetinfer_queue_wait_seconds",
