@@ -10,9 +10,9 @@ Forming batch N+1 overlaps running batch N, and batch N is answered while N+1 ru
 formed only when it can be queued: under load requests keep arriving in the intake's buffer while
 the engine is busy, so batches fill; a lone request at idle goes at once. On a GPU, a batch queued
 behind a busy engine is made into the model's input meanwhile (in one of the strategy's lanes), and
-the run stage waits for that when the batch's turn comes. What the worker chose for all this is its
-plan (`autoconfig`), logged once per model. A stage that fails with a
-bug fails the pipeline (`failed`), and the worker stops rather than serve half a pipeline.
+the run stage takes whichever queued batch is made first (`ReadyQueue`: lanes differ in speed).
+What the worker chose for all this is its plan (`autoconfig`), logged once per model. A stage that
+fails with a bug fails the pipeline (`failed`), and the worker stops rather than serve half a pipeline.
 
 Shutdown, in order, within the grace period: stop fetching (what the intake buffered is given
 back), give back the batches that never started, let the batches in flight finish and be
@@ -40,6 +40,7 @@ from .forming import BatchFormer
 from .intake import Intake, PullConsumer
 from .metrics import WorkerMetrics
 from .preprocess import Preprocessing, choose_preprocessing
+from .ready_queue import ReadyQueue
 from .reload import ModelSlot
 from .replies import ReplyRefusals
 from .reply_policy import ReplyPolicy
@@ -89,7 +90,7 @@ class Pipeline:
         self._preprocessing: Preprocessing | None = None
         self._runner: Runner | None = None
         self._former: BatchFormer | None = None
-        self._batches: asyncio.Queue[Queued | None] = asyncio.Queue(maxsize=1)
+        self._batches: ReadyQueue[Batch] = ReadyQueue(maxsize=1)
         self._ran: asyncio.Queue[RanBatch | None] = asyncio.Queue(maxsize=1)
         self._room = asyncio.Event()  # set when a run task takes a batch: room to form the next
         self._stopping = asyncio.Event()
@@ -158,7 +159,7 @@ class Pipeline:
         preprocessing = self._preprocessing = await asyncio.to_thread(
             choose_preprocessing, the_plan, self._settings, current.config, self.max_batch
         )
-        self._batches = asyncio.Queue(maxsize=the_plan.pipeline_depth)
+        self._batches = ReadyQueue(maxsize=the_plan.pipeline_depth)
         self._ran = asyncio.Queue(maxsize=the_plan.pipeline_depth)
         # Decided once: a later version with fewer slots serialises on its own lock.
         slots = 1 if preprocessing.on_gpu else current.backend.batch_slots
