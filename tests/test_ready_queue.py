@@ -71,5 +71,8 @@ async def test_put_waits_for_room_and_a_cancelled_wait_leaves_the_queue_working(
     queue.put_nowait("d")
     with pytest.raises(asyncio.QueueFull):
         queue.put_nowait("e")
+    waiting = asyncio.ensure_future(queue.wait_for_entry())
+    await asyncio.sleep(0)
+    assert waiting.done()  # "d" is queued
     with pytest.raises(ValueError, match="at least one"):
         ReadyQueue[str](maxsize=0)

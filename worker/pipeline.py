@@ -264,15 +264,13 @@ class Pipeline:
         timing = self._clock.timing
         while True:
             with timing("run", "waiting_for_batch"):
+                await self._batches.wait_for_entry()
+            with timing("run", "waiting_for_making"):  # where every queued batch is still being made
                 queued = await self._batches.get()
             if queued is None:
                 break
             self._room.set()
-            if isinstance(queued, Batch):
-                batch = queued
-            else:
-                with timing("run", "waiting_for_making"):
-                    batch = await queued
+            batch = queued if isinstance(queued, Batch) else await queued  # made (or failed) by now
             try:
                 with timing("run", "running"):
                     ran = await self._runner.run(batch)

@@ -56,6 +56,11 @@ class ReadyQueue(Generic[T]):
             entry.add_done_callback(lambda _: self._wake())
         self._wake()
 
+    async def wait_for_entry(self) -> None:
+        """Until something is queued (ready or not)."""
+        while not self._entries:
+            await self._changed()
+
     async def get(self) -> T | asyncio.Future[T] | None:
         """The oldest ready entry (a done future is returned as it is: await it for its value)."""
         while (index := self._first_ready()) is None:

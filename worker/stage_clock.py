@@ -10,7 +10,7 @@ engine waits for:
 | form | `forming` | preparing requests and forming batches (decoding, where it is on the CPU threads) |
 | form | `waiting_for_room` | for room in the queue of batches: the run stage is behind |
 | run | `waiting_for_batch` | for a batch to be formed: nothing queued |
-| run | `waiting_for_making` | for the batch at the head of the queue to be made ahead (decoded, normalised) |
+| run | `waiting_for_making` | for one of the queued batches to be made ahead (decoded, normalised) |
 | run | `running` | running it (making it here first, where it was not made ahead) |
 | run | `waiting_to_settle` | for room in the queue of answered batches: the settle stage is behind |
 | settle | `waiting_for_batch` | for a batch to answer |
