@@ -177,7 +177,6 @@ def plan(
                 reasons.append(
                     f"{measured}: {gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
                 )
-    hardware_lanes = settings.nvimgcodec
     depth = settings.pipeline_depth or lanes + gpu_lanes
     switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
     reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")
@@ -187,7 +186,7 @@ def plan(
         decode_processes=processes,
         lanes=lanes,
         gpu_lanes=gpu_lanes,
-        hardware_lanes=hardware_lanes,
+        hardware_lanes=settings.nvimgcodec,
         decode_threads=threads,
         pipeline_depth=depth,
         gil_switch_ms=switch,
@@ -196,7 +195,12 @@ def plan(
 
 
 def probe_rates(
-    backend: Backend, config: ModelConfig, max_batch: int, *, hardware: bool = True, device: int | None = None
+    backend: Backend,
+    config: ModelConfig,
+    max_batch: int,
+    *,
+    hardware: bool = False,
+    device: int | None = None,
 ) -> Rates:
     """Time the engine on a batch of zeros at `max_batch` (best of three), this process decoding a JPEG
     of the model's input size (best of 20) and, with `hardware`, the GPU's hardware JPEG engine on
@@ -211,10 +215,10 @@ def probe_rates(
     engine = min(_timed(lambda: backend.infer(batch)) for _ in range(3))
     probe = _probe_jpeg(config.preprocess.width, config.preprocess.height)
     decode = min(_timed(lambda: decode_pixels(probe, config.preprocess)) for _ in range(20))  # type: ignore[arg-type]
-    engine_rate = (
+    jpeg_engine = (
         hardware_jpeg_rate(config.preprocess, probe, frames=max_batch, device=device) if hardware else None
     )
-    return Rates(engine=max_batch / engine, decode_per_process=1.0 / decode, hardware_decode=engine_rate)
+    return Rates(engine=max_batch / engine, decode_per_process=1.0 / decode, hardware_decode=jpeg_engine)
 
 
 def _timed(call: Callable[[], object]) -> float:
