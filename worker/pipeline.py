@@ -139,8 +139,9 @@ class Pipeline:
         on_gpu = current.backend.accepts_device_tensors
         rates = None
         settings = self._settings
-        if on_gpu and current.config.preprocess is not None:
-            # Whether the decoding processes can keep up with the engine: measured, not guessed.
+        if on_gpu and current.config.preprocess is not None and settings.gpu_decode_lanes is None:
+            # Whether the decoding processes can keep up with the engine: measured, not guessed (only the
+            # GPU lanes' number depends on it).
             rates = await asyncio.to_thread(
                 probe_rates,
                 current.backend,
