@@ -567,6 +567,27 @@ async def embedded_stack(
                     process.stdout.close()
 
 
+def _stack(
+    settings: BenchSettings,
+    repository: Path,
+    *,
+    bare: bool,
+    before_workers: Callable[[str], Awaitable[None]] | None = None,
+) -> contextlib.AbstractAsyncContextManager[tuple[str, list[str]]]:
+    """`embedded_stack` as the settings ask for it (model, workers, devices, CPUs, log level)."""
+    return embedded_stack(
+        repository,
+        settings.model,
+        bare=bare,
+        worker_args=settings.worker_arg or [],
+        workers=settings.workers,
+        devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
+        worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
+        worker_log_level=settings.worker_log_level,
+        before_workers=before_workers,
+    )
+
+
 def _scrape_all(urls: Sequence[str]) -> dict[str, float]:
     """Counters summed over the workers; GPU memory the largest one reports (each reads the same GPUs
     through NVML, so a sum would count a shared GPU once per worker)."""
@@ -652,14 +673,7 @@ async def _run_levels(
                 name: round(statistics.median(values), 3) for name, values in timings.items() if values
             }
             if metrics_urls and before is not None:
-                after = _scrape_all(metrics_urls)
-                point.stage_shares = stage_shares(before, after)
-                point.batches = int(after["batches"] - before["batches"])
-                if after["gpu_memory_bytes"]:
-                    point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
-                    point.gpu_memory_after_bytes = after["gpu_memory_bytes"]
-                if point.batches:
-                    point.mean_batch = (after["frames"] - before["frames"]) / point.batches
+                _add_worker_figures(point, before, _scrape_all(metrics_urls))
             points.append(point)
     return points
 
@@ -672,17 +686,10 @@ async def _drain_backlog(
 
     backlog = Backlog(settings.model, payload, count=settings.backlog, input_name=settings.input_name)
     try:
-        async with embedded_stack(
-            repository,
-            settings.model,
-            bare=False,
-            worker_args=settings.worker_arg or [],
-            workers=settings.workers,
-            devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
-            worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
-            worker_log_level=settings.worker_log_level,
-            before_workers=backlog.publish,
-        ) as (_, metrics_urls):
+        async with _stack(settings, repository, bare=False, before_workers=backlog.publish) as (
+            _,
+            metrics_urls,
+        ):
             before = _scrape_all(metrics_urls)
             await backlog.wait(settings.timeout_s)
             after = _scrape_all(metrics_urls)
@@ -706,15 +713,21 @@ async def _drain_backlog(
     )
     point = BenchPoint("backlog", float(settings.backlog), summary)
     # The workers started with the backlog: their counters since start are the whole drain (some of
-    # it may be done before they are ready).
-    point.batches = int(after["batches"])
-    point.stage_shares = stage_shares({}, after)
+    # it may be done before they are ready); the GPU memory is as they were ready.
+    _add_worker_figures(point, {"gpu_memory_bytes": before["gpu_memory_bytes"]}, after)
+    return point
+
+
+def _add_worker_figures(point: BenchPoint, before: dict[str, float], after: dict[str, float]) -> None:
+    """The batches, mean batch, stage shares and GPU memory of `point`, from two scrapes of the
+    workers' metrics (`scrape_worker_metrics`; a counter missing from `before` counts from 0)."""
+    point.stage_shares = stage_shares(before, after)
+    point.batches = int(after["batches"] - before.get("batches", 0.0))
     if after["gpu_memory_bytes"]:
         point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
         point.gpu_memory_after_bytes = after["gpu_memory_bytes"]
     if point.batches:
-        point.mean_batch = after["frames"] / point.batches
-    return point
+        point.mean_batch = (after["frames"] - before.get("frames", 0.0)) / point.batches
 
 
 def round_ratios(points: list[BenchPoint], engine: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -838,16 +851,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 points.append(dataclasses.replace(point, round=number))
                 modes = []
             for mode in modes:
-                async with embedded_stack(
-                    repository,
-                    settings.model,
-                    bare=mode == "bare",
-                    worker_args=settings.worker_arg or [],
-                    workers=settings.workers,
-                    devices=[int(d) for d in settings.devices.split(",")] if settings.devices else [],
-                    worker_cpus=parse_cpus(settings.worker_cpus) if settings.worker_cpus else None,
-                    worker_log_level=settings.worker_log_level,
-                ) as (url, metrics_urls):
+                async with _stack(settings, repository, bare=mode == "bare") as (url, metrics_urls):
                     embedded = ConnectionSettings(nats_url=url)
                     measured = await _run_levels(settings, embedded, metrics_urls, payload, frames, mode)
                     points += [dataclasses.replace(p, round=number) for p in measured]
