@@ -13,42 +13,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import numpy as np
-import onnxruntime as ort
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
-from PIL import Image
-
-
-def preprocess(data: bytes, pre: dict[str, Any]) -> np.ndarray:
-    """JPEG bytes -> (3, H, W) float32, normalised as the model's config.json says."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    if image.size != (pre["width"], pre["height"]):
-        image = image.resize((pre["width"], pre["height"]), Image.Resampling.BILINEAR)
-    pixels = (np.asarray(image, dtype=np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+from onnx_peer import load_model, preprocess
 
 
 def build(url: str, repository: Path, model: str, batch_timeout_s: float) -> FastStream:
     """The FastStream app: one batch subscriber on `infer.<model>`."""
-    config = json.loads((repository / model / "config.json").read_text())
-    version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(repository / model / str(version) / "model.onnx"), options)
-    pre, output = config["preprocess"], config["outputs"][0]["name"]
+    config, version, session, pre, output = load_model(repository, model)
     decoders, engine = ThreadPoolExecutor(os.cpu_count() or 1), ThreadPoolExecutor(1)
 
     broker = NatsBroker(url)

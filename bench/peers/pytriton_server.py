@@ -12,30 +12,17 @@ libpython. SIGTERM or SIGINT stops the server.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from PIL import Image
+from onnx_peer import load_model, preprocess
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-
-def preprocess(data: bytes, pre: dict[str, Any]) -> np.ndarray:
-    """JPEG bytes -> (3, H, W) float32, normalised as the model's config.json says."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    if image.size != (pre["width"], pre["height"]):
-        image = image.resize((pre["width"], pre["height"]), Image.Resampling.BILINEAR)
-    pixels = (np.asarray(image, dtype=np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -55,13 +42,7 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batcher's wait")
     args = parser.parse_args()
 
-    config = json.loads((args.repository / args.model / "config.json").read_text())
-    version = max(int(p.name) for p in (args.repository / args.model).iterdir() if p.name.isdigit())
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(args.repository / args.model / str(version) / "model.onnx"), options)
-    pre, output = config["preprocess"], config["outputs"][0]["name"]
+    config, version, session, pre, output = load_model(args.repository, args.model)
     decoders = ThreadPoolExecutor(os.cpu_count() or 1)
 
     @batch
