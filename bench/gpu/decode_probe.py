@@ -4,7 +4,9 @@
 
 Decodes, resizes and normalises batches of the cat photo (224x224 JPEG) with `GpuJpegDecoder`, once
 with nvimgcodec off (torchvision) and once with it on; prints images/s for each and which
-library served, and checks the two agree on the pixels. Then the CPU: one image at a time with
+library served, the CPU time the calling thread spends per batch and the share of the GIL a spinning
+thread still gets meanwhile (1.0: the decoder releases it; about 0.5: it holds it), and checks the two
+agree on the pixels. Then the CPU: one image at a time with
 Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared memory, then
 `GpuNormaliser.from_pixels`) at each `--processes` count.
 """
@@ -12,7 +14,10 @@ Pillow in this process, and `--decode-processes`' pool (`ProcessDecoder`, shared
 from __future__ import annotations
 
 import argparse
+import functools
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,6 +91,7 @@ def gpu_decoders(batch: int, seconds: float) -> None:
             out = decoder.decode(images)
             done += len(images)
         rate = done / (time.perf_counter() - started)
+        cpu_ms, gil_left = _calling_thread_costs(functools.partial(decoder.decode, images), seconds)
         outputs[decoder.library] = out.cpu().numpy()
         lone = []
         for _ in range(200):
@@ -94,13 +100,42 @@ def gpu_decoders(batch: int, seconds: float) -> None:
             lone.append(time.perf_counter() - started)
         print(
             f"--nvimgcodec={flag}: {decoder.library}: {rate:,.0f} images/s at batch {batch}; "
-            f"batch 1 p50 {sorted(lone)[len(lone) // 2] * 1e3:.3f} ms"
+            f"batch 1 p50 {sorted(lone)[len(lone) // 2] * 1e3:.3f} ms; calling thread {cpu_ms:.2f} ms CPU "
+            f"per batch, GIL left to a spinning thread {gil_left:.2f}"
         )
     if len(outputs) == 2:
         first, second = outputs.values()
         print(
             f"mean |difference| of the two decoders: {np.abs(first - second).mean():.4f} (normalised units)"
         )
+
+
+def _spin_rate(stop: threading.Event, counts: list[int]) -> None:
+    n = 0
+    while not stop.is_set():
+        n += 1
+    counts.append(n)
+
+
+def _calling_thread_costs(call: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """(CPU ms of the calling thread per call, the spinning thread's count rate while calling / alone)."""
+    rates = []
+    for busy in (False, True):
+        stop, counts = threading.Event(), list[int]()
+        spinner = threading.Thread(target=_spin_rate, args=(stop, counts))
+        started, cpu_started, calls = time.perf_counter(), time.thread_time(), 0
+        spinner.start()
+        while time.perf_counter() - started < seconds:
+            if busy:
+                call()
+                calls += 1
+            else:
+                time.sleep(0.01)
+        cpu = time.thread_time() - cpu_started
+        stop.set()
+        spinner.join()
+        rates.append(counts[0] / (time.perf_counter() - started))
+    return cpu / max(1, calls) * 1e3, rates[1] / max(rates[0], 1e-9)
 
 
 if __name__ == "__main__":
