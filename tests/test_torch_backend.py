@@ -93,6 +93,36 @@ def test_buckets_are_powers_of_two_then_max_batch() -> None:
         batch_buckets(0)
 
 
+def test_a_large_batch_is_waited_for_asleep_and_a_small_one_by_spinning() -> None:
+    """`wait_for`: CUDA's default wait spins on a core; past SPIN_UP_TO_FRAMES it is a blocking event."""
+    from types import SimpleNamespace
+
+    from jetinfer.worker.backends.torch_buckets import SPIN_UP_TO_FRAMES, wait_for
+
+    calls: list[str] = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            calls.append("stream.synchronize")
+
+    class Event:
+        def __init__(self, blocking: bool = False) -> None:
+            calls.append(f"Event(blocking={blocking})")
+
+        def record(self, stream: Stream) -> None:
+            calls.append("record")
+
+        def synchronize(self) -> None:
+            calls.append("event.synchronize")
+
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(Event=Event))
+    wait_for(fake_torch, Stream(), SPIN_UP_TO_FRAMES)
+    assert calls == ["stream.synchronize"]
+    calls.clear()
+    wait_for(fake_torch, Stream(), SPIN_UP_TO_FRAMES + 1)
+    assert calls == ["Event(blocking=True)", "record", "event.synchronize"]
+
+
 def test_large_batches_are_staged_on_several_threads() -> None:
     from jetinfer.worker.backends.cuda import stage
 
@@ -258,6 +288,20 @@ def test_cuda_fp16_graphs_match_the_module(version: ModelVersion, net: Any, batc
         out = backend.infer({"images": x})["logits"]
         assert out.dtype == np.float32
         assert out.shape == (batch, 5)
+        expected = reference(net, x)
+        np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batches_waited_for_asleep_match_the_module(tmp_path: Path, net: Any) -> None:
+    """A batch past SPIN_UP_TO_FRAMES (a blocking event, not a spin) gives the same outputs."""
+    from jetinfer.worker.backends.torch_buckets import SPIN_UP_TO_FRAMES
+
+    large = 4 * SPIN_UP_TO_FRAMES
+    with load_backend(publish(tmp_path, net, tiny_config(large)), BackendOptions(device=0)) as backend:
+        x = frames(large, seed=3)
+        out = backend.infer({"images": x})["logits"]
         expected = reference(net, x)
         np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
 

@@ -27,6 +27,8 @@ import numpy.typing as npt
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError
 from jetinfer.repository import PreprocessConfig
 
+from .backends.torch_buckets import wait_for
+
 __all__ = ["GpuJpegDecoder", "GpuNormaliser", "hardware_jpeg_rate"]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class GpuNormaliser:
         self.config = config
         self.max_frames = max_frames
         self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
-        # Its own stream: preprocessing the next batch overlaps the model running the current one.
+        # Its own stream: preprocessing the next batch overlaps the model running the current one. Of
+        # normal priority: a higher one slowed the engine beside an nvJPEG lane by 12% (docs/benchmarks.md).
         cuda: Any = torch.cuda  # torch.cuda.Stream has no annotations
         self.stream = cuda.Stream(device=self.device)
         self._mean = torch.tensor(config.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -117,7 +120,7 @@ class GpuNormaliser:
                 on_gpu = self.empty(source.shape, torch.uint8)  # a pooled bucket, not a new size per batch
                 on_gpu.copy_(source, non_blocking=True)
                 batch = self.normalise(on_gpu.permute(0, 3, 1, 2))
-                torch.cuda.current_stream(self.device).synchronize()
+                wait_for(torch, self.stream, len(pixels))
                 return batch
         except Exception as exc:
             raise BackendError(f"GPU preprocessing failed: {type(exc).__name__}: {exc}") from exc
@@ -256,7 +259,7 @@ class GpuJpegDecoder:
                 else:
                     batch = torch.stack([f.float() for f in frames])
                 batch = self._normaliser.normalise(batch)
-                torch.cuda.current_stream(self.device).synchronize()
+                wait_for(torch, self._normaliser.stream, len(images))
                 return batch
         except Exception as exc:
             raise BackendError(f"GPU preprocessing failed: {type(exc).__name__}: {exc}") from exc

@@ -5,6 +5,11 @@ For a model whose inputs have no dynamic dimension but the batch: one device buf
 bucket warmed up (largest first) and, with graphs on, captured into one CUDA graph sharing one memory
 pool, so `run` only copies in, replays and copies out: GPU memory stays flat across requests.
 
+Waiting for a batch (`wait_for`): CUDA's default for a synchronising thread is to spin on its core
+until the GPU is done, and a worker has several such threads (the engine's, the preprocessing lanes');
+spinning through a 25 ms engine batch takes a core from the decoding processes. A large batch waits on
+a blocking event instead (the thread sleeps); a small one spins, for its latency.
+
 Also the per-device pool of CUDA streams: torch keeps a cuBLAS workspace (~32 MiB) for every stream
 that ran a matmul, for the life of the process; reusing the streams of closed backends keeps GPU
 memory flat across model reloads.
@@ -25,7 +30,7 @@ from jetinfer.repository import TensorSpec
 
 from . import cuda
 
-__all__ = ["StaticBuckets", "acquire_stream", "return_stream", "torch_dtype"]
+__all__ = ["SPIN_UP_TO_FRAMES", "StaticBuckets", "acquire_stream", "return_stream", "torch_dtype", "wait_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,21 @@ def return_stream(device: Any, stream: Any) -> None:
     """Give `stream` back for the next backend on `device`."""
     with _free_streams_lock:
         _free_streams.setdefault(device.index, []).append(stream)
+
+
+#: Batches of at most this many frames are waited for by spinning (latency); larger ones sleep.
+SPIN_UP_TO_FRAMES = 16
+
+
+def wait_for(torch: Any, stream: Any, frames: int) -> None:
+    """Wait until the work enqueued on `stream` for a batch of `frames` is done: spinning for a small
+    batch, asleep on a blocking event for a large one (its core stays free for the decoding processes)."""
+    if frames <= SPIN_UP_TO_FRAMES:
+        stream.synchronize()
+        return
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
 
 
 def torch_dtype(torch: Any, datatype: str) -> Any:
@@ -155,7 +175,7 @@ class StaticBuckets:
             outputs = self._forward([buffer[:bucket] for buffer in self._device_in])
         for output, pinned in zip(outputs, self._pinned_out, strict=True):
             pinned[:batch].copy_(output[:batch], non_blocking=True)
-        self._stream.synchronize()
+        wait_for(torch, self._stream, batch)
         return {
             spec.name: staged[:batch].copy()
             for spec, staged in zip(self._outputs, self._pinned_out_np, strict=True)
