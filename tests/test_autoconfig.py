@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from jetinfer.repository import ModelConfig, PreprocessConfig, TensorSpec
-from jetinfer.worker.autoconfig import GPU_RESERVED_CORES, Rates, plan, probe_rates, usable_cores
+from jetinfer.worker.autoconfig import (
+    DECODE_EFFICIENCY,
+    GPU_RESERVED_CORES,
+    Rates,
+    plan,
+    probe_rates,
+    usable_cores,
+)
 from jetinfer.worker.settings import WorkerSettings
 
 TENSORS = ModelConfig(
@@ -19,6 +26,9 @@ TENSORS = ModelConfig(
     inputs=(TensorSpec("input", "FP32", (4,)),),
     outputs=(TensorSpec("output", "FP32", (4,)),),
 )
+#: One process's decoding rate (measured alone) at which 8 processes decode about 7,200 img/s in the plan.
+EIGHT_DECODE_7200 = 7_200.0 / (8 * DECODE_EFFICIENCY)
+
 IMAGES = dataclasses.replace(
     TENSORS,
     inputs=(TensorSpec("input", "FP32", (3, 8, 8)),),
@@ -107,7 +117,7 @@ def test_a_cpu_backend_or_a_tensor_model_decodes_on_threads_sized_to_the_cores(
 
 @pytest.mark.parametrize(("engine", "lanes"), [(5_000.0, 0), (10_000.0, 1), (30_000.0, 2)])
 def test_gpu_decode_lanes_are_added_where_the_processes_cannot_keep_up(engine: float, lanes: int) -> None:
-    rates = Rates(engine=engine, decode_per_process=1_500.0)  # 8 processes decode about 7,200 img/s
+    rates = Rates(engine=engine, decode_per_process=EIGHT_DECODE_7200)
     gpu = {"gpu_decode": True, "gpu_normalise": True}  # as where torchvision is installed
     chosen = plan(settings(**gpu), IMAGES, on_gpu=True, cores=10, cores_why="test", rates=rates)
     assert chosen.decode_processes == 8
@@ -146,7 +156,7 @@ def test_the_rates_are_measured_on_the_engine_and_a_jpeg_of_the_models_size() ->
 def test_with_nvimgcodec_lanes_decode_on_the_jpeg_engine_where_one_was_found(
     engine: float, hardware: float, lanes: int
 ) -> None:
-    rates = Rates(engine=engine, decode_per_process=1_500.0, hardware_decode=hardware)  # 8 × 1,500 × 0.6
+    rates = Rates(engine=engine, decode_per_process=EIGHT_DECODE_7200, hardware_decode=hardware)
     chosen = plan(settings(nvimgcodec=True), IMAGES, on_gpu=True, cores=10, cores_why="test", rates=rates)
     assert chosen.gpu_lanes == lanes
     assert chosen.hardware_lanes
@@ -155,7 +165,7 @@ def test_with_nvimgcodec_lanes_decode_on_the_jpeg_engine_where_one_was_found(
 
 
 def test_no_nvimgcodec_keeps_the_jpeg_engine_out_of_the_plan() -> None:
-    rates = Rates(engine=30_000.0, decode_per_process=1_500.0, hardware_decode=20_000.0)
+    rates = Rates(engine=30_000.0, decode_per_process=EIGHT_DECODE_7200, hardware_decode=20_000.0)
     gpu = {"gpu_decode": True, "gpu_normalise": True}
     chosen = plan(
         settings(nvimgcodec=False, **gpu), IMAGES, on_gpu=True, cores=10, cores_why="t", rates=rates

@@ -48,9 +48,10 @@ GPU_RESERVED_CORES = 2
 GPU_LANES = 2
 #: The GIL switch interval a GPU worker uses (Python's default is 5 ms).
 GPU_GIL_SWITCH_MS = 1.0
-#: The share of one process's decoding rate (measured alone) that each decoding process gives under load
-#: (on the H200 machine, 8 processes on 10 cores decoded about 6.5k img/s; docs/benchmarks.md).
-DECODE_EFFICIENCY = 0.6
+#: The share of one process's decoding rate (one JPEG, measured alone) that each decoding process gives
+#: under load: on the H200 machine 8 processes decoded 8.9k-10.0k img/s alone where one decodes 2.8k,
+#: and less beside the worker (docs/benchmarks.md). 0.6 had the plan choose no GPU lane in some runs.
+DECODE_EFFICIENCY = 0.4
 
 
 @dataclass(frozen=True)
