@@ -7,7 +7,11 @@
 # ResNet-50 fp16 and the trivial model (bench/gpu/trivial_model.py), JPEG 224x224. Workers on
 # WORKER_CPUS (default 0-9), nats-server and the load on the rest. Every run has its own time limit, and
 # the table is printed and OUTDIR/results.tar.gz packed whatever happened. SET=variants runs ResNet-50's
-# backlog instead with one setting changed at a time (N requests each, default 40,000). Wheels: .whl/.
+# backlog instead with one setting changed at a time (N requests each, default 40,000); SET=lanes times
+# the decoders alone, then the backlog with JPEGs decoded in processes, nvJPEG or the hardware JPEG engine,
+# and their mixes; SET=sync times how threads wait for the GPU (bench/gpu/sync_probe.py), then both models
+# with JPEGs in processes and on nvJPEG, and idle latency; SET=confirm the defaults again with the gpu
+# tests of the GPU paths. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -23,6 +27,7 @@ finish() {
     for f in "$OUT"/err-*.txt; do
         grep -h "chosen from" "$f" | sed "s|^.*serving from|$(basename "$f" .txt): serving from|" | head -1
     done >> "$OUT/summary.txt"
+    [ -f "$OUT/decoders.txt" ] && cat "$OUT/decoders.txt" >> "$OUT/summary.txt"
     tar -czf "$RESULTS/results.tar.gz" -C "$OUT" .
     cat "$OUT/summary.txt"
 }
@@ -72,6 +77,58 @@ if [ "${SET:-all}" = variants ]; then  # ResNet-50's backlog with one setting ch
     run resnet50 backlog-hw1 60 --backlog "$N" --timeout-s 20 --worker-arg=--nvimgcodec
     run resnet50 backlog-procs12-1 60 --backlog "$N" --timeout-s 20 --worker-arg=--decode-processes=12
     run resnet50 backlog-default1-again 60 --backlog "$N" --timeout-s 20
+    exit
+fi
+if [ "${SET:-all}" = confirm ]; then  # the shipped defaults once more, with the gpu tests of the GPU paths
+    N=${N:-40000}
+    step "gpu tests (GPU decoding, the torch backend)"
+    timeout 120 $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py \
+        tests/test_gpu_decode.py > "$OUT/gpu-tests.txt" 2>&1
+    tail -3 "$OUT/gpu-tests.txt" | tee -a "$OUT/decoders.txt" >&2
+    run resnet50 backlog-default1 60 --backlog "$N" --timeout-s 20
+    run resnet50 backlog-all-nvjpeg 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode
+    run resnet50 backlog-default1-again 60 --backlog "$N" --timeout-s 20
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    exit
+fi
+if [ "${SET:-all}" = sync ]; then  # how the GPU is waited for, and where JPEGs decode, on both models
+    N=${N:-40000}
+    step "waiting for the GPU"
+    timeout 120 $PY bench/gpu/sync_probe.py "$R" resnet50 --seconds 2 > "$OUT/decoders.txt" 2>&1
+    cat "$OUT/decoders.txt" >&2
+    run resnet50 backlog-default1 60 --backlog "$N" --timeout-s 20
+    run resnet50 backlog-mixed-lanes1 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode-lanes=1
+    run resnet50 backlog-all-nvjpeg 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode
+    run resnet50 backlog-all-nvjpeg-lanes3 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode \
+        --worker-arg=--preprocess-lanes=3
+    run resnet50 backlog-default1-again 60 --backlog "$N" --timeout-s 20
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-all-nvjpeg-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--gpu-decode
+    run trivial backlog-all-nvjpeg-lanes3-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--gpu-decode \
+        --worker-arg=--preprocess-lanes=3
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run resnet50 idle-all-nvjpeg 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--gpu-decode
+    exit
+fi
+if [ "${SET:-all}" = lanes ]; then  # where ResNet-50's JPEGs decode: processes, nvJPEG, the JPEG engine
+    N=${N:-40000}
+    step "decoders alone"
+    timeout 90 $PY bench/gpu/decode_probe.py --batch 256 --seconds 2 --processes 8 > "$OUT/decoders.txt" 2>&1
+    cat "$OUT/decoders.txt" >&2
+    lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\))" >> "$OUT/gpu.txt"
+    run resnet50 backlog-default1 60 --backlog "$N" --timeout-s 20
+    run resnet50 backlog-nvjpeg-lanes1 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode-lanes=1
+    run resnet50 backlog-nvjpeg-lanes2 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode-lanes=2
+    run resnet50 backlog-hw-lanes1 60 --backlog "$N" --timeout-s 20 --worker-arg=--nvimgcodec \
+        --worker-arg=--gpu-decode-lanes=1
+    run resnet50 backlog-hw-lanes2 60 --backlog "$N" --timeout-s 20 --worker-arg=--nvimgcodec \
+        --worker-arg=--gpu-decode-lanes=2
+    run resnet50 backlog-all-hw 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode --worker-arg=--nvimgcodec
+    run resnet50 backlog-all-hw-lanes3 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode \
+        --worker-arg=--nvimgcodec --worker-arg=--preprocess-lanes=3
+    run resnet50 backlog-all-nvjpeg 60 --backlog "$N" --timeout-s 20 --worker-arg=--gpu-decode
     exit
 fi
 run resnet50 backlog-default1 90 --backlog "${LONG:-120000}" --timeout-s 20
