@@ -4,8 +4,10 @@
 continuous pull with idle heartbeats, the way nats.go's `Consume` works), so the next batch is
 already on its way while the current one runs. A pull that stops answering (no message and no
 heartbeat for three heartbeat intervals, or a reconnect) is renewed: no silent stall after a
-reconnect. It never decodes and never acknowledges: what it hands on is a `Delivery`, which the
-settle stage answers for from then on.
+reconnect. Each pull asks for at most `max_bytes` too: nats-server cuts a client as a slow consumer
+once more than its max_pending (64 MiB) waits to be written to it, and a pull of 512 messages of 8
+JPEGs each (about 150 KB) asks for 77 MB at once. It never decodes and never acknowledges: what it hands
+on is a `Delivery`, which the settle stage answers for from then on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nats.aio.subscription import Subscription
 
 from jetinfer.cleanup import logged
 
-__all__ = ["Delivery", "Intake", "PullConsumer", "delivery_info"]
+__all__ = ["PULL_MAX_BYTES", "Delivery", "Intake", "PullConsumer", "delivery_info", "pull_max_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,18 @@ class Intake(Protocol):
 
 #: Pull statuses that end a pull request normally (expired, or nothing to deliver): ask again at once.
 _NORMAL_END = frozenset({"404", "408"})
+#: The 409 that ends a pull whose `max_bytes` are delivered (or whose next message would not fit).
+_MAX_BYTES_END = "Message Size Exceeds MaxBytes"
+#: Bytes one pull asks for: two outstanding stay well under nats-server's 64 MiB max_pending.
+PULL_MAX_BYTES = 8 * 1024 * 1024
+#: What a message costs in a pull's max_bytes beyond its payload (subject, reply subject, headers).
+_MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def pull_max_bytes(max_msg_size_bytes: int) -> int:
+    """The bytes a pull asks for: `PULL_MAX_BYTES`, or one message of the largest size the stream
+    accepts where that is more (a pull must always be able to deliver the next message)."""
+    return max(PULL_MAX_BYTES, max_msg_size_bytes + _MESSAGE_OVERHEAD_BYTES)
 
 
 class PullConsumer:
@@ -87,6 +101,7 @@ class PullConsumer:
         capacity: int,
         heartbeat_s: float = 2.0,
         expires_s: float = 30.0,
+        max_bytes: int = PULL_MAX_BYTES,
     ) -> None:
         self._nc = nc
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -94,6 +109,7 @@ class PullConsumer:
         self.capacity = max(1, capacity)
         self.heartbeat_s = heartbeat_s
         self.expires_s = max(expires_s, heartbeat_s * 4)
+        self.max_bytes = max(1, max_bytes)
         self._queue: deque[Delivery] = deque()
         self._ready = asyncio.Event()
         self._pending = 0  # messages asked for and not yet received
@@ -136,7 +152,16 @@ class PullConsumer:
             self._pending = max(0, self._pending - int(cancelled))
         else:
             self._pending = 0
-        if status in _NORMAL_END:
+        description = headers.get("Description", "") if headers else ""
+        bytes_delivered = status == "409" and description == _MAX_BYTES_END
+        if bytes_delivered and headers and headers.get("Nats-Pending-Bytes") == str(self.max_bytes):
+            self.max_bytes *= 2  # it delivered nothing: the next message alone is larger than a pull
+            logger.warning(
+                "pull %s: a message is larger than a pull's max_bytes; asking for up to %d bytes",
+                self.durable,
+                self.max_bytes,
+            )
+        if status in _NORMAL_END or bytes_delivered:
             if not self._stopping:
                 await self.refill()
             return
@@ -146,7 +171,7 @@ class PullConsumer:
             "pull %s: status %s %s; asking again in %.1f s",
             self.durable,
             status,
-            headers.get("Description", "") if headers else "",
+            description,
             self.heartbeat_s / 2,
         )
         if not self._stopping and (self._retry is None or self._retry.done()):
@@ -165,10 +190,12 @@ class PullConsumer:
             return
         request = {
             "batch": want,
+            "max_bytes": self.max_bytes,
             "expires": int(self.expires_s * 1e9),
             "idle_heartbeat": int(self.heartbeat_s * 1e9),
         }
         self._pending += want
+
         try:
             await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
         except Exception as exc:

@@ -37,7 +37,7 @@ from jetinfer.streams import INFER_STREAM, consumer_name
 from .autoconfig import Plan, plan, probe_rates
 from .batcher import Batch
 from .forming import BatchFormer
-from .intake import Intake, PullConsumer
+from .intake import Intake, PullConsumer, pull_max_bytes
 from .metrics import WorkerMetrics
 from .preprocess import Preprocessing, choose_preprocessing
 from .ready_queue import ReadyQueue
@@ -83,7 +83,12 @@ class Pipeline:
         self.settler = Settler(model, nc, js, settings, metrics, refusals)
         self._clock = StageClock(metrics, model)
         self.intake: Intake = intake or PullConsumer(
-            nc, INFER_STREAM, consumer_name(model), capacity=1, heartbeat_s=settings.heartbeat_s
+            nc,
+            INFER_STREAM,
+            consumer_name(model),
+            capacity=1,
+            heartbeat_s=settings.heartbeat_s,
+            max_bytes=pull_max_bytes(settings.max_msg_size_bytes),
         )
         self._cores = cores
         self.plan: Plan | None = None
