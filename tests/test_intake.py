@@ -102,3 +102,25 @@ async def test_ordinary_messages_still_come_in_full_pulls(own_nats: EmbeddedNats
         await nc.close()
     assert first == 512
     assert got == 1000
+
+
+@pytest.mark.timeout(120)
+async def test_the_buffer_holds_about_two_pulls_of_bytes_until_it_is_taken(
+    own_nats: EmbeddedNatsServer,
+) -> None:
+    await _fill(own_nats.url, "HELD", 199, MESSAGE_BYTES)  # 30 MB waiting
+    nc = await nats.connect(own_nats.url)
+    js = nc.jetstream()
+    await js.add_consumer("HELD", ConsumerConfig(durable_name="held", ack_policy=AckPolicy.NONE))
+    limit = 1_000_000
+    intake = PullConsumer(nc, "HELD", "held", capacity=512, heartbeat_s=5.0, max_bytes=limit)
+    await intake.start()
+    try:
+        await asyncio.sleep(1.0)  # nothing taken: the intake asks for no more than its bound
+        held = sum(len(entry.msg.data) for entry in intake.buffered_entries())
+        got = await _take(intake, 200, timeout_s=30)
+    finally:
+        await intake.stop(0)
+        await nc.close()
+    assert limit <= held <= 2 * limit  # the pull that reached the bound, and no more asked for
+    assert got == 200

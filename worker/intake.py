@@ -6,8 +6,10 @@ already on its way while the current one runs. A pull that stops answering (no m
 heartbeat for three heartbeat intervals, or a reconnect) is renewed: no silent stall after a
 reconnect. Each pull asks for at most `max_bytes` too: nats-server cuts a client as a slow consumer
 once more than its max_pending (64 MiB) waits to be written to it, and a pull of 512 messages of 8
-JPEGs each (about 150 KB) asks for 77 MB at once. It never decodes and never acknowledges: what it hands
-on is a `Delivery`, which the settle stage answers for from then on.
+JPEGs each (about 150 KB) asks for 77 MB at once. For the same reason no more is asked for while the
+buffer holds `max_bytes` already (512 messages of 8 MiB would be 4 GiB in the worker's memory). It never
+decodes and never acknowledges: what it hands on is a `Delivery`, which the settle stage answers for
+from then on.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class PullConsumer:
         self.expires_s = max(expires_s, heartbeat_s * 4)
         self.max_bytes = max(1, max_bytes)
         self._queue: deque[Delivery] = deque()
+        self._queued_bytes = 0  # payload bytes of the messages in _queue
         self._ready = asyncio.Event()
         self._pending = 0  # messages asked for and not yet received
         self._last_seen = time.monotonic()
@@ -142,6 +145,7 @@ class PullConsumer:
         if not status:
             self._pending = max(0, self._pending - 1)
             self._queue.append(Delivery(msg, self._last_seen))
+            self._queued_bytes += len(msg.data)
             self._ready.set()
             return
         if status == "100":  # idle heartbeat (or flow control): the pull is alive
@@ -184,6 +188,8 @@ class PullConsumer:
     async def refill(self) -> None:
         """Ask for more messages when less than half the capacity is buffered or on its way."""
         if self._stopping or self._nc.is_closed or not self._nc.is_connected:
+            return
+        if self._queued_bytes >= self.max_bytes:  # a pull's worth is here already: ask once it is taken
             return
         want = self.capacity - len(self._queue) - self._pending
         if want < max(1, self.capacity // 2) and not (want > 0 and self._pending == 0):
@@ -247,6 +253,7 @@ class PullConsumer:
                     await asyncio.wait_for(self._ready.wait(), remaining)
         count = min(max_items, len(self._queue))
         taken = [self._queue.popleft() for _ in range(count)]
+        self._queued_bytes = max(0, self._queued_bytes - sum(len(entry.msg.data) for entry in taken))
         await self.refill()
         return taken
 
@@ -254,6 +261,7 @@ class PullConsumer:
         """Everything buffered (at shutdown, to nak)."""
         taken = [entry.msg for entry in self._queue]
         self._queue.clear()
+        self._queued_bytes = 0
         return taken
 
     async def stop(self, linger_s: float = 0.2) -> list[Msg]:
