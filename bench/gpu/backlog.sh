@@ -82,7 +82,7 @@ fi
 if [ "${SET:-all}" = confirm ]; then  # the shipped defaults once more, with the gpu tests of the GPU paths
     N=${N:-40000}
     step "gpu tests (GPU decoding, the torch backend)"
-    timeout 120 $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py \
+    timeout 200 $PY -m pytest -m "gpu or trt" -q -p no:cacheprovider tests/test_torch_backend.py \
         tests/test_gpu_decode.py > "$OUT/gpu-tests.txt" 2>&1
     tail -3 "$OUT/gpu-tests.txt" | tee -a "$OUT/decoders.txt" >&2
     run resnet50 backlog-default1 60 --backlog "$N" --timeout-s 20
