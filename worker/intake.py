@@ -201,7 +201,6 @@ class PullConsumer:
             "idle_heartbeat": int(self.heartbeat_s * 1e9),
         }
         self._pending += want
-
         try:
             await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
         except Exception as exc:
