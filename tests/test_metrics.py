@@ -40,7 +40,7 @@ from jetinfer.streams import (
 )
 from jetinfer.worker.metrics import GpuProbe, WorkerMetrics
 from jetinfer.worker.stage_clock import ACTIVITIES
-from tests.conftest import NatsUnderTest, running_worker
+from tests.conftest import NatsUnderTest, running_worker, wait_until_answered
 
 FRAME = 16  # values per frame of the identity model (its per-frame shape is [-1])
 
@@ -122,21 +122,6 @@ def base_name(sample_name: str) -> str:
         if stem != sample_name and stem in WORKER_LABELS:
             return stem
     return sample_name
-
-
-async def wait_until_answered(js: Any, model: str, timeout_s: float = 30.0) -> None:
-    """Wait until the server holds nothing for `model`: every request delivered and acked or termed.
-
-    The worker counts a request right after its ack or term, in the same step, so once the server
-    has the ack the counters are final (a reply can reach the client before that step ends).
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = await js.consumer_info(INFER_STREAM, consumer_name(model))
-        if info.num_pending == 0 and info.num_ack_pending == 0:
-            return
-        assert time.monotonic() < deadline, f"requests of {model} still outstanding: {info}"
-        await asyncio.sleep(0.05)
 
 
 def keda_lag(monitor_url: str, stream: str, consumer: str, account: str = "$G") -> int:

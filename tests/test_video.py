@@ -13,7 +13,7 @@ import pytest
 
 from jetinfer.producer.client import Client
 from jetinfer.producer.video import read_frames, video_job
-from tests.conftest import NatsUnderTest, run_cli, running_worker
+from tests.conftest import NatsUnderTest, run_cli, running_worker, wait_until_answered
 
 FRAMES = 40
 
@@ -61,6 +61,7 @@ async def test_job_in_order_and_a_rerun_sends_only_the_rest(
             if len(first) == FRAMES // 2:
                 break  # the producer dies half way
         second = [r async for r in video_job(client, model, frames, job=job, in_flight=8)]
+        await wait_until_answered(client.js, model)  # a request is counted after its reply and ack
         served = answered(worker, model)
     assert [r.index for r in first] == list(range(FRAMES // 2))
     assert [r.index for r in second] == list(range(FRAMES))
@@ -76,6 +77,7 @@ async def test_frames_several_to_a_message_are_answered_as_one_by_one(
     frames = list(read_frames(clip))
     async with running_worker(nats_server.url, repo, [model]) as worker, Client(nats_server.url) as client:
         alone = [r async for r in video_job(client, model, frames, job=f"alone-{model}", in_flight=8)]
+        await wait_until_answered(client.js, model)  # a request is counted after its reply and ack
         before = answered(worker, model)
         grouped = [
             r
@@ -83,6 +85,7 @@ async def test_frames_several_to_a_message_are_answered_as_one_by_one(
                 client, model, frames, job=f"grouped-{model}", in_flight=16, frames_per_message=8
             )
         ]
+        await wait_until_answered(client.js, model)
         messages = answered(worker, model) - before
     assert [r.index for r in grouped] == list(range(FRAMES))
     assert messages == FRAMES // 8, f"{FRAMES} frames in {messages} messages"
