@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jetinfer.producer.client import Client
-from tests.conftest import NatsUnderTest, running_worker
+from tests.conftest import NatsUnderTest, running_worker, wait_until_answered
 
 
 def answered(worker: Any, model: str) -> int:
@@ -36,6 +36,7 @@ async def test_two_workers_share_one_consumer_with_nothing_lost_or_doubled(
                 return await client.infer(model, payload, timeout=60)
 
         replies = await asyncio.gather(*(one(p) for p in payloads))
+        await wait_until_answered(client.js, model)  # a request is counted after its reply and ack
         served = Counter({name: answered(worker, model) for name, worker in (("a", first), ("b", second))})
     values = [int(reply.output()[0, 0]) for reply in replies]
     assert values == list(range(requests)), "a reply does not match its request"
