@@ -150,15 +150,16 @@ class PullConsumer:
             return
         if status == "100":  # idle heartbeat (or flow control): the pull is alive
             return
+        assert headers is not None, "a status comes in the headers"
         # 404/408/409 end (part of) a pull request; the header says how many asks it cancels.
-        cancelled = headers.get("Nats-Pending-Messages") if headers else None
+        cancelled = headers.get("Nats-Pending-Messages")
         if cancelled is not None and cancelled.isdigit():
             self._pending = max(0, self._pending - int(cancelled))
         else:
             self._pending = 0
-        description = headers.get("Description", "") if headers else ""
+        description = headers.get("Description", "")
         bytes_delivered = status == "409" and description == _MAX_BYTES_END
-        if bytes_delivered and headers and headers.get("Nats-Pending-Bytes") == str(self.max_bytes):
+        if bytes_delivered and headers.get("Nats-Pending-Bytes") == str(self.max_bytes):
             self.max_bytes *= 2  # it delivered nothing: the next message alone is larger than a pull
             logger.warning(
                 "pull %s: a message is larger than a pull's max_bytes; asking for up to %d bytes",
