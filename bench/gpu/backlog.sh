@@ -11,7 +11,8 @@
 # the decoders alone, then the backlog with JPEGs decoded in processes, nvJPEG or the hardware JPEG engine,
 # and their mixes; SET=sync times how threads wait for the GPU (bench/gpu/sync_probe.py), then both models
 # with JPEGs in processes and on nvJPEG, and idle latency; SET=confirm the defaults again with the gpu
-# tests of the GPU paths. Wheels: .whl/.
+# tests of the GPU paths; SET=light the trivial model with decoding shared out between processes and nvJPEG
+# lanes in other proportions. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -40,7 +41,8 @@ source bench/gpu/install.sh
   2>&1 | tee "$OUT/gpu.txt"
 
 step build
-$PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 --repository "$R" 2>&1 | tail -1
+[ "${SET:-all}" = light ] || $PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 \
+    --repository "$R" 2>&1 | tail -1
 if [ "${SET:-all}" != variants ]; then
     $PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
     $PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json \
@@ -48,7 +50,7 @@ if [ "${SET:-all}" != variants ]; then
 fi
 
 step engine-only
-for model in resnet50 $([ "${SET:-all}" = variants ] || echo trivial); do
+for model in $([ "${SET:-all}" = light ] || echo resnet50) $([ "${SET:-all}" = variants ] || echo trivial); do
     timeout 60 $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model $model \
         --duration-s 2 --json --batch 1 --batch 128 --batch 256 > "$OUT/engine-$model.json"
 done
@@ -77,6 +79,22 @@ if [ "${SET:-all}" = variants ]; then  # ResNet-50's backlog with one setting ch
     run resnet50 backlog-hw1 60 --backlog "$N" --timeout-s 20 --worker-arg=--nvimgcodec
     run resnet50 backlog-procs12-1 60 --backlog "$N" --timeout-s 20 --worker-arg=--decode-processes=12
     run resnet50 backlog-default1-again 60 --backlog "$N" --timeout-s 20
+    exit
+fi
+if [ "${SET:-all}" = light ]; then  # the trivial model: how decoding is shared between processes and nvJPEG
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-gpulanes3-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--gpu-decode-lanes=3
+    run trivial backlog-gpulanes4-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--gpu-decode-lanes=4
+    run trivial backlog-procs4-gpulanes4-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
+        --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode-lanes=4
+    run trivial backlog-procs6-gpulanes3-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
+        --worker-arg=--decode-processes=6 --worker-arg=--gpu-decode-lanes=3
+    run trivial backlog-all-nvjpeg-lanes4-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
+        --worker-arg=--gpu-decode --worker-arg=--preprocess-lanes=4
+    run trivial backlog-default1-again-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-procs4-gpulanes4-f1 60 --backlog 60000 --timeout-s 20 \
+        --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode-lanes=4
     exit
 fi
 if [ "${SET:-all}" = confirm ]; then  # the shipped defaults once more, with the gpu tests of the GPU paths
