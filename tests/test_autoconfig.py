@@ -115,12 +115,16 @@ def test_a_cpu_backend_or_a_tensor_model_decodes_on_threads_sized_to_the_cores(
     assert plan(settings(decode_workers=5), model, on_gpu=on_gpu, cores=3, cores_why="t").decode_threads == 5
 
 
-@pytest.mark.parametrize(("engine", "lanes"), [(5_000.0, 0), (10_000.0, 1), (30_000.0, 2)])
-def test_gpu_decode_lanes_are_added_where_the_processes_cannot_keep_up(engine: float, lanes: int) -> None:
+@pytest.mark.parametrize(
+    ("engine", "lanes", "processes"), [(5_000.0, 0, 8), (10_000.0, 1, 8), (30_000.0, 3, 6)]
+)
+def test_gpu_decode_lanes_are_added_where_the_processes_cannot_keep_up(
+    engine: float, lanes: int, processes: int
+) -> None:
     rates = Rates(engine=engine, decode_per_process=EIGHT_DECODE_7200)
     gpu = {"gpu_decode": True, "gpu_normalise": True}  # as where torchvision is installed
     chosen = plan(settings(**gpu), IMAGES, on_gpu=True, cores=10, cores_why="test", rates=rates)
-    assert chosen.decode_processes == 8
+    assert chosen.decode_processes == processes
     assert chosen.gpu_lanes == lanes
     assert chosen.pipeline_depth == 2 + lanes
     assert f"{lanes} lane(s) decoding JPEG batches on the GPU" in chosen.describe()
@@ -149,6 +153,22 @@ def test_the_rates_are_measured_on_the_engine_and_a_jpeg_of_the_models_size() ->
     assert rates.hardware_decode is None
 
 
+def test_nvjpeg_lanes_past_the_first_take_their_cores_from_the_processes_the_plan_chose() -> None:
+    light = Rates(engine=30_000.0, decode_per_process=EIGHT_DECODE_7200)
+    gpu = {"gpu_decode": True, "gpu_normalise": True}
+    forced = plan(settings(gpu_decode_lanes=2, **gpu), IMAGES, on_gpu=True, cores=10, cores_why="t")
+    assert (forced.gpu_lanes, forced.decode_processes) == (2, 7)
+    assert "7 decoding processes (1 core(s) left to the GPU lanes)" in forced.describe()
+    # Processes given on the command line stay as given.
+    given = plan(
+        settings(decode_processes=8, **gpu), IMAGES, on_gpu=True, cores=10, cores_why="t", rates=light
+    )
+    assert (given.gpu_lanes, given.decode_processes) == (3, 8)
+    # Never below one process per process lane.
+    small = plan(settings(**gpu), IMAGES, on_gpu=True, cores=4, cores_why="t", rates=light)
+    assert (small.gpu_lanes, small.decode_processes, small.lanes) == (3, 2, 2)
+
+
 @pytest.mark.parametrize(
     ("engine", "hardware", "lanes"),
     [(5_000.0, 20_000.0, 0), (10_000.0, 20_000.0, 1), (30_000.0, 20_000.0, 2), (10_000.0, 4_000.0, 2)],
@@ -170,7 +190,7 @@ def test_no_nvimgcodec_keeps_the_jpeg_engine_out_of_the_plan() -> None:
     chosen = plan(
         settings(nvimgcodec=False, **gpu), IMAGES, on_gpu=True, cores=10, cores_why="t", rates=rates
     )
-    assert chosen.gpu_lanes == 2  # on the SMs (nvJPEG), as without a JPEG engine
+    assert chosen.gpu_lanes == 3  # on the SMs (nvJPEG), as without a JPEG engine
     assert not chosen.hardware_lanes
     assert "JPEG engine" not in chosen.describe()
 

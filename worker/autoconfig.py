@@ -9,9 +9,10 @@ a GPU and whether the model takes images. From those it chooses (`plan`):
   feeding threads, split into two lanes, so two batches are decoded while the engine runs a third; small
   JPEG batches (a lone request) decode on the GPU where torchvision can; uint8 pixels normalised on the
   GPU; the GIL handed over every millisecond (the threads feeding the GPU wait for it otherwise). Where
-  the processes cannot keep up with the engine (both measured at start, `probe_rates`), one or two
-  more lanes decode whole JPEG batches on the GPU: with nvJPEG on the SMs, or with `--nvimgcodec` on
-  its hardware JPEG engine (no SM time taken from the model; timed at start too).
+  the processes cannot keep up with the engine (both measured at start, `probe_rates`), one to three
+  more lanes decode whole JPEG batches on the GPU: with nvJPEG on the SMs (each lane past the first
+  taking a core from the processes), or with `--nvimgcodec` on its hardware JPEG engine (no SM time
+  taken from the model; timed at start too).
 - CPU backend (or a tensor model): decode threads and ONNX Runtime's intra-op threads sized to the cores.
 
 Every choice is a setting; one given on the command line or in the environment wins. `Plan.describe()`
@@ -52,6 +53,10 @@ GPU_GIL_SWITCH_MS = 1.0
 #: under load: on the H200 machine 8 processes decoded 8.9k-10.0k img/s alone where one decodes 2.8k,
 #: and less beside the worker (docs/benchmarks.md). 0.6 had the plan choose no GPU lane in some runs.
 DECODE_EFFICIENCY = 0.4
+#: nvJPEG lanes beside the processes where they decode less than half the engine's images/s (a light
+#: engine): on the H200 machine 6 processes and 3 lanes drained a trivial model's stream faster than 8
+#: and 2, or 8 and 3 (docs/benchmarks.md, session 7).
+LIGHT_ENGINE_GPU_LANES = 3
 
 
 @dataclass(frozen=True)
@@ -174,10 +179,17 @@ def plan(
                     "batches on the GPU's JPEG engine beside them"
                 )
             else:
-                gpu_lanes = 2 if 2 * decoding < rates.engine else 1 if short > 0 else 0
+                gpu_lanes = LIGHT_ENGINE_GPU_LANES if 2 * decoding < rates.engine else 1 if short > 0 else 0
                 reasons.append(
                     f"{measured}: {gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
                 )
+    if settings.decode_processes is None and gpu_lanes > 1 and not settings.nvimgcodec:
+        # nvJPEG's Huffman decoding runs on its lane's thread: a core there decodes several times the
+        # images a Pillow process does, so each lane past the first takes one from the processes.
+        given = min(gpu_lanes - 1, processes - GPU_LANES)
+        if given > 0:
+            processes -= given
+            reasons.append(f"{processes} decoding processes ({given} core(s) left to the GPU lanes)")
     depth = settings.pipeline_depth or lanes + gpu_lanes
     switch = GPU_GIL_SWITCH_MS if settings.gil_switch_ms is None else settings.gil_switch_ms
     reasons.append(f"{lanes} lane(s), {depth} batch(es) made ahead, GIL switch {switch:g} ms")
