@@ -12,7 +12,8 @@
 # and their mixes; SET=sync times how threads wait for the GPU (bench/gpu/sync_probe.py), then both models
 # with JPEGs in processes and on nvJPEG, and idle latency; SET=confirm the defaults again with the gpu
 # tests of the GPU paths; SET=light the trivial model with decoding shared out between processes and nvJPEG
-# lanes in other proportions. Wheels: .whl/.
+# lanes in other proportions; SET=plan what the plan chooses for both models against its former choice
+# for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -95,6 +96,17 @@ if [ "${SET:-all}" = light ]; then  # the trivial model: how decoding is shared 
     run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
     run trivial backlog-procs4-gpulanes4-f1 60 --backlog 60000 --timeout-s 20 \
         --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode-lanes=4
+    exit
+fi
+if [ "${SET:-all}" = plan ]; then  # the plan's choice for both models against the layout it chose before
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-procs8-gpulanes2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
+        --worker-arg=--decode-processes=8 --worker-arg=--gpu-decode-lanes=2
+    run trivial backlog-default1-again-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
+    run resnet50 backlog-default1-again 60 --backlog 40000 --timeout-s 20
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
     exit
 fi
 if [ "${SET:-all}" = confirm ]; then  # the shipped defaults once more, with the gpu tests of the GPU paths
