@@ -116,7 +116,8 @@ def test_a_cpu_backend_or_a_tensor_model_decodes_on_threads_sized_to_the_cores(
 
 
 @pytest.mark.parametrize(
-    ("engine", "lanes", "processes"), [(5_000.0, 0, 8), (10_000.0, 1, 8), (30_000.0, 3, 6)]
+    ("engine", "lanes", "processes"),
+    [(5_000.0, 0, 8), (10_000.0, 1, 8), (14_000.0, 1, 8), (16_000.0, 2, 7), (30_000.0, 3, 6)],
 )
 def test_gpu_decode_lanes_are_added_where_the_processes_cannot_keep_up(
     engine: float, lanes: int, processes: int

@@ -21,6 +21,7 @@ is the one log line that says what was chosen and why.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import math
@@ -53,10 +54,13 @@ GPU_GIL_SWITCH_MS = 1.0
 #: under load: on the H200 machine 8 processes decoded 8.9k-10.0k img/s alone where one decodes 2.8k,
 #: and less beside the worker (docs/benchmarks.md). 0.6 had the plan choose no GPU lane in some runs.
 DECODE_EFFICIENCY = 0.4
-#: nvJPEG lanes beside the processes where they decode less than half the engine's images/s (a light
-#: engine): on the H200 machine 6 processes and 3 lanes drained a trivial model's stream faster than 8
-#: and 2, or 8 and 3 (docs/benchmarks.md, session 7).
-LIGHT_ENGINE_GPU_LANES = 3
+#: The most nvJPEG lanes beside the processes: one per multiple of the processes' images/s the engine
+#: takes. On the H200 machine a light engine drained its stream faster with 6 processes and 3 lanes than
+#: with 8 and 2, or 8 and 3 (docs/benchmarks.md, session 7).
+MAX_GPU_DECODE_LANES = 3
+#: The decoding probe: JPEGs decoded before timing, then the best of this many.
+_DECODE_WARMUP = 30
+_DECODE_TIMINGS = 100
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ def plan(
                     "batches on the GPU's JPEG engine beside them"
                 )
             else:
-                gpu_lanes = LIGHT_ENGINE_GPU_LANES if 2 * decoding < rates.engine else 1 if short > 0 else 0
+                gpu_lanes = 0 if short <= 0 else min(MAX_GPU_DECODE_LANES, int(rates.engine // decoding))
                 reasons.append(
                     f"{measured}: {gpu_lanes} lane(s) decoding JPEG batches on the GPU beside them"
                 )
@@ -216,8 +220,9 @@ def probe_rates(
     device: int | None = None,
 ) -> Rates:
     """Time the engine on a batch of zeros at `max_batch` (best of three), this process decoding a JPEG
-    of the model's input size (best of 20) and, with `hardware`, the GPU's hardware JPEG engine on
-    `max_batch` of them. Blocking: a few hundred milliseconds (the engine's first use, a second more)."""
+    of the model's input size (best of 100, after 30 untimed) and, with `hardware`, the GPU's hardware
+    JPEG engine on `max_batch` of them. Blocking: a few hundred milliseconds (the engine's first use, a
+    second more)."""
     assert config.preprocess is not None, "rates are for image models"
     batch = {
         spec.name: np.zeros(
@@ -227,7 +232,10 @@ def probe_rates(
     }
     engine = min(_timed(lambda: backend.infer(batch)) for _ in range(3))
     probe = _probe_jpeg(config.preprocess.width, config.preprocess.height)
-    decode = min(_timed(lambda: decode_pixels(probe, config.preprocess)) for _ in range(20))  # type: ignore[arg-type]
+    decode_probe = functools.partial(decode_pixels, probe, config.preprocess)
+    for _ in range(_DECODE_WARMUP):  # a core that was idle decodes slower until its clock is up
+        decode_probe()
+    decode = min(_timed(decode_probe) for _ in range(_DECODE_TIMINGS))
     jpeg_engine = (
         hardware_jpeg_rate(config.preprocess, probe, frames=max_batch, device=device) if hardware else None
     )

@@ -13,7 +13,8 @@
 # with JPEGs in processes and on nvJPEG, and idle latency; SET=confirm the defaults again with the gpu
 # tests of the GPU paths; SET=light the trivial model with decoding shared out between processes and nvJPEG
 # lanes in other proportions; SET=plan what the plan chooses for both models against its former choice
-# for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency. Wheels: .whl/.
+# for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency; SET=idle idle latency with a lone
+# JPEG decoded on the GPU and in the asking thread, and both models' backlog once more. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -107,6 +108,14 @@ if [ "${SET:-all}" = plan ]; then  # the plan's choice for both models against t
     run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
     run resnet50 backlog-default1-again 60 --backlog 40000 --timeout-s 20
     run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    exit
+fi
+if [ "${SET:-all}" = idle ]; then  # a lone JPEG decoded on the GPU or in the asking thread, and the plan again
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run resnet50 idle-cpu-decode 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--no-gpu-decode
+    run resnet50 idle-again 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
     exit
 fi
 if [ "${SET:-all}" = confirm ]; then  # the shipped defaults once more, with the gpu tests of the GPU paths
