@@ -14,7 +14,8 @@
 # tests of the GPU paths; SET=light the trivial model with decoding shared out between processes and nvJPEG
 # lanes in other proportions; SET=plan what the plan chooses for both models against its former choice
 # for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency; SET=idle idle latency with a lone
-# JPEG decoded on the GPU and in the asking thread, and both models' backlog once more. Wheels: .whl/.
+# JPEG decoded on the GPU and in the asking thread, and both models' backlog once more; SET=light-plan the
+# trivial model's 8-JPEG stream alone, with the plan's choice and its former one. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -43,16 +44,23 @@ source bench/gpu/install.sh
   2>&1 | tee "$OUT/gpu.txt"
 
 step build
-[ "${SET:-all}" = light ] || $PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 \
-    --repository "$R" 2>&1 | tail -1
-if [ "${SET:-all}" != variants ]; then
+case ${SET:-all} in  # the models a set runs
+    light | light-plan) MODELS=trivial ;;
+    variants) MODELS=resnet50 ;;
+    *) MODELS="resnet50 trivial" ;;
+esac
+if [[ $MODELS == *resnet50* ]]; then
+    $PY -m jetinfer.cli --log-level WARNING build resnet50 --backend torch --fp16 --repository "$R" 2>&1 \
+        | tail -1
+fi
+if [[ $MODELS == *trivial* ]]; then
     $PY bench/gpu/trivial_model.py /tmp/trivial > /dev/null
     $PY -m jetinfer.cli --log-level WARNING build /tmp/trivial/trivial.pt2 --config /tmp/trivial/config.json \
         --fp16 --repository "$R" --name trivial 2>&1 | tail -1
 fi
 
 step engine-only
-for model in $([ "${SET:-all}" = light ] || echo resnet50) $([ "${SET:-all}" = variants ] || echo trivial); do
+for model in $MODELS; do
     timeout 60 $PY -m jetinfer.cli --log-level WARNING engine-bench --repository "$R" --model $model \
         --duration-s 2 --json --batch 1 --batch 128 --batch 256 > "$OUT/engine-$model.json"
 done
@@ -97,6 +105,13 @@ if [ "${SET:-all}" = light ]; then  # the trivial model: how decoding is shared 
     run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
     run trivial backlog-procs4-gpulanes4-f1 60 --backlog 60000 --timeout-s 20 \
         --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode-lanes=4
+    exit
+fi
+if [ "${SET:-all}" = light-plan ]; then  # the trivial model's 8-JPEG stream: the plan's choice, its former one
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-procs8-gpulanes2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
+        --worker-arg=--decode-processes=8 --worker-arg=--gpu-decode-lanes=2
+    run trivial backlog-default1-again-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     exit
 fi
 if [ "${SET:-all}" = plan ]; then  # the plan's choice for both models against the layout it chose before
