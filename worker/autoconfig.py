@@ -55,8 +55,8 @@ GPU_GIL_SWITCH_MS = 1.0
 #: and less beside the worker (docs/benchmarks.md). 0.6 had the plan choose no GPU lane in some runs.
 DECODE_EFFICIENCY = 0.4
 #: The most nvJPEG lanes beside the processes: one per multiple of the processes' images/s the engine
-#: takes. On the H200 machine a light engine drained its stream faster with 6 processes and 3 lanes than
-#: with 8 and 2, or 8 and 3 (docs/benchmarks.md, session 7).
+#: takes. On the H200 machine a light engine drained its stream at least as fast with 6 processes and 3
+#: lanes as with 8 and 2, and faster than with 8 and 3 (docs/benchmarks.md, session 7).
 MAX_GPU_DECODE_LANES = 3
 #: The decoding probe: JPEGs decoded before timing, then the best of this many.
 _DECODE_WARMUP = 30
