@@ -79,9 +79,7 @@ __all__ = [
     "free_port",
     "machine_busy_s",
     "main",
-    "model_config",
     "per_process",
-    "preprocess",
     "read_processes",
     "run_main",
     "snapshot",
@@ -113,24 +111,6 @@ def cat_jpeg(size: int = 224, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def model_config(repository: Path, model: str) -> tuple[dict[str, Any], Path]:
-    """The model's config.json and the newest version's model.onnx."""
-    config = json.loads((repository / model / "config.json").read_text())
-    version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-    return config, repository / model / str(version) / "model.onnx"
-
-
-def preprocess(data: bytes, pre: dict[str, Any]) -> np.ndarray:
-    """JPEG bytes -> (3, H, W) float32 as the model's `preprocess` block says (the engine-only input)."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    if image.size != (pre["width"], pre["height"]):
-        image = image.resize((pre["width"], pre["height"]), Image.Resampling.BILINEAR)
-    pixels = (np.asarray(image, dtype=np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,12 +504,10 @@ def engine_main(args: argparse.Namespace) -> int:
 
     import onnxruntime as ort
 
-    config, model_file = model_config(args.repository, args.model)
-    options = ort.SessionOptions()  # as jetinfer's onnxruntime backend: default threads, no spinning
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-    pre, output = config["preprocess"], config["outputs"][0]["name"]
+    from jetinfer.bench.peers.onnx_peer import load_model, preprocess
+
+    model = load_model(args.repository, args.model)
+    session, pre, output = model.session, model.pre, model.output
     frame = preprocess(cat_jpeg(), pre)
     feeds: dict[int, dict[str, np.ndarray]] = {}
     shuffle = random.Random(0)
@@ -673,6 +651,8 @@ def run_main(args: argparse.Namespace) -> int:
     if not command:
         raise SystemExit("give the system's command after --")
     repository = args.repository.resolve()
+    from jetinfer.bench.peers.onnx_peer import model_config
+
     config, _ = model_config(repository, args.model)
     max_batch = int(config.get("max_batch", 32))
     tmp = Path(tempfile.mkdtemp(prefix="cpu-cost-"))

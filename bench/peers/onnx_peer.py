@@ -1,7 +1,9 @@
 """What the three peers (nats_py_worker.py, faststream_worker.py, pytriton_server.py) share, so each
 serves the same model the same way: the newest ONNX version of the repository's model with jetinfer's
 session options (all graph optimisations, no spinning), and the preprocessing its config.json says.
-Each peer runs as a script from this folder and imports this file beside it.
+Each peer runs as a script from this folder and imports this file beside it; bench/cpu_cost.py's
+engine-only process imports it as `jetinfer.bench.peers.onnx_peer`, so the reference engine is the
+peers' too.
 """
 
 from __future__ import annotations
@@ -26,14 +28,21 @@ class OnnxModel(NamedTuple):
     output: str
 
 
-def load_model(repository: Path, model: str) -> OnnxModel:
-    """The newest version of `model` in `repository`, in an ONNX Runtime session."""
+def model_config(repository: Path, model: str) -> tuple[dict[str, Any], Path]:
+    """The model's config.json and the newest version's model.onnx."""
     config = json.loads((repository / model / "config.json").read_text())
     version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-    options = ort.SessionOptions()
+    return config, repository / model / str(version) / "model.onnx"
+
+
+def load_model(repository: Path, model: str) -> OnnxModel:
+    """The newest version of `model` in `repository`, in an ONNX Runtime session on the CPU."""
+    config, model_file = model_config(repository, model)
+    options = ort.SessionOptions()  # as jetinfer's onnxruntime backend: default threads, no spinning
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(repository / model / str(version) / "model.onnx"), options)
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    version = int(model_file.parent.name)
     return OnnxModel(config, version, session, config["preprocess"], config["outputs"][0]["name"])
 
 
