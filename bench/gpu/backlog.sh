@@ -107,18 +107,18 @@ if [ "${SET:-all}" = light ]; then  # the trivial model: how decoding is shared 
         --worker-arg=--decode-processes=4 --worker-arg=--gpu-decode-lanes=4
     exit
 fi
-if [ "${SET:-all}" = light-plan ]; then  # the trivial model's 8-JPEG stream: the plan's choice, its former one
+light_layouts() {  # the trivial model's 8-JPEG stream: the plan's layout, its former one, the plan's again
     run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     run trivial backlog-procs8-gpulanes2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
         --worker-arg=--decode-processes=8 --worker-arg=--gpu-decode-lanes=2
     run trivial backlog-default1-again-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+}
+if [ "${SET:-all}" = light-plan ]; then
+    light_layouts
     exit
 fi
 if [ "${SET:-all}" = plan ]; then  # the plan's choice for both models against the layout it chose before
-    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
-    run trivial backlog-procs8-gpulanes2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 \
-        --worker-arg=--decode-processes=8 --worker-arg=--gpu-decode-lanes=2
-    run trivial backlog-default1-again-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    light_layouts
     run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
     run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
     run resnet50 backlog-default1-again 60 --backlog 40000 --timeout-s 20
