@@ -125,6 +125,8 @@ class BenchPoint:
     worker_timing_p50_ms: dict[str, float] = field(default_factory=dict)
     #: Per pipeline stage, the share of its time each activity took (jetinfer_stage_seconds_total).
     stage_shares: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Garbage collection in the workers per request answered, milliseconds (jetinfer_gc_seconds_total).
+    gc_ms_per_request: float | None = None
     round: int = 1
 
 
@@ -316,7 +318,7 @@ def scrape_worker_metrics(url: str) -> dict[str, float]:
 
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    out = {"batches": 0.0, "frames": 0.0, "requests": 0.0, "gpu_memory_bytes": 0.0}
+    out = {"batches": 0.0, "frames": 0.0, "requests": 0.0, "gpu_memory_bytes": 0.0, "gc_seconds": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "jetinfer_batch_size_count":
@@ -327,6 +329,8 @@ def scrape_worker_metrics(url: str) -> dict[str, float]:
                 out["requests"] += sample.value
             elif sample.name == "jetinfer_gpu_memory_used_bytes":
                 out["gpu_memory_bytes"] += sample.value
+            elif sample.name == "jetinfer_gc_seconds_total":
+                out["gc_seconds"] += sample.value
             elif sample.name == "jetinfer_stage_seconds_total":
                 key = f"stage:{sample.labels['stage']}:{sample.labels['activity']}"
                 out[key] = out.get(key, 0.0) + sample.value
@@ -719,9 +723,13 @@ async def _drain_backlog(
 
 
 def _add_worker_figures(point: BenchPoint, before: dict[str, float], after: dict[str, float]) -> None:
-    """The batches, mean batch, stage shares and GPU memory of `point`, from two scrapes of the
-    workers' metrics (`scrape_worker_metrics`; a counter missing from `before` counts from 0)."""
+    """The batches, mean batch, stage shares, garbage collection and GPU memory of `point`, from two
+    scrapes of the workers' metrics (`scrape_worker_metrics`; a counter missing from `before` counts
+    from 0)."""
     point.stage_shares = stage_shares(before, after)
+    if point.summary.requests:
+        gc_s = after.get("gc_seconds", 0.0) - before.get("gc_seconds", 0.0)
+        point.gc_ms_per_request = gc_s * 1000 / point.summary.requests
     point.batches = int(after["batches"] - before.get("batches", 0.0))
     if after["gpu_memory_bytes"]:
         point.gpu_memory_before_bytes = before["gpu_memory_bytes"]
@@ -775,6 +783,12 @@ def _table(points: list[BenchPoint], engine: list[dict[str, Any]]) -> str:
             top = sorted(shares.items(), key=lambda item: -item[1])
             listed = ", ".join(f"{activity} {share:.2f}" for activity, share in top if share >= 0.01)
             lines.append(f"  {p.mode} {p.load:g}, {stage} stage: {listed}")
+        if p.gc_ms_per_request is not None:
+            share = p.gc_ms_per_request * p.summary.requests_per_s / 1000
+            lines.append(
+                f"  {p.mode} {p.load:g}, garbage collection: {p.gc_ms_per_request * 1000:.1f} µs per request"
+                f" ({share:.1%} of the time)"
+            )
     for row in engine:
         at_once = row.get("batches_at_once", 1)
         load = f"{row['batch']}" if at_once == 1 else f"{row['batch']}x{at_once}"

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +39,7 @@ from jetinfer.streams import (
     register_model,
     reload_subject,
 )
+from jetinfer.worker import gc_tuning
 from jetinfer.worker.metrics import GpuProbe, WorkerMetrics
 from jetinfer.worker.stage_clock import ACTIVITIES
 from tests.conftest import NatsUnderTest, running_worker, wait_until_answered
@@ -59,6 +61,8 @@ WORKER_LABELS = {
     "jetinfer_gpu_memory_used_bytes": {"gpu"},
     # Where the stages spend their time (worker/stage_clock.py): two labels beyond DESIGN.md's set.
     "jetinfer_stage_seconds_total": {"model", "stage", "activity"},
+    # Python's garbage collector, process-wide (worker/gc_tuning.py): not a model's, so no model label.
+    "jetinfer_gc_seconds_total": {"generation"},
 }
 # `jetinfer_<noun>_{total|seconds|bytes}`, and the unitless exceptions worker/metrics.py documents:
 # counts with no unit (frames per batch, messages behind, requests in flight) and Prometheus' `_ratio`.
@@ -156,8 +160,16 @@ def requests_of(frames: int, value: float) -> np.ndarray:
 # -- the worker's metrics under load -------------------------------------------------------------------
 
 
+@pytest.fixture
+def gc_clock() -> Iterator[None]:
+    """The garbage collector timed, as `jetinfer serve` does (process-wide, so the worker itself does not)."""
+    gc_tuning.clock.install()
+    yield
+    gc_tuning.clock.uninstall()
+
+
 async def test_metrics_under_load_count_every_request_with_the_agreed_names_and_labels(
-    nats_server: NatsUnderTest, nc: Any, model_repo: Any
+    nats_server: NatsUnderTest, nc: Any, model_repo: Any, gc_clock: None
 ) -> None:
     repo, model = model_repo("identity")
     port = free_port()

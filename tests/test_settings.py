@@ -63,6 +63,7 @@ def test_booleans_paths_and_optional_values_from_environment(tmp_path: Path) -> 
         ({"JETINFER_PREPROCESS_LANES": "9"}, "preprocess_lanes"),
         ({"JETINFER_EVENT_LOOP": "trio"}, "event_loop"),
         ({"JETINFER_GIL_SWITCH_MS": "0.01"}, "gil_switch_ms"),
+        ({"JETINFER_GC_THRESHOLD": "5"}, "gc_threshold"),
     ],
 )
 def test_invalid_values_name_the_setting(environ: dict[str, str], setting: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from jetinfer.errors import SettingsError
 from jetinfer.settings import add_arguments, load_settings
 
+from . import gc_tuning
 from .backends.base import BackendFactory, load_backend
 from .service import Worker
 from .settings import WorkerSettings
@@ -46,8 +47,12 @@ async def serve(
     stop: asyncio.Event | None = None,
     *,
     backend_factory: BackendFactory = load_backend,
+    on_started: Callable[[], None] | None = None,
 ) -> int:
-    """Run a worker until `stop` is set (or SIGTERM/SIGINT arrives); the exit status (1: it failed)."""
+    """Run a worker until `stop` is set (or SIGTERM/SIGINT arrives); the exit status (1: it failed).
+
+    `on_started` is called once the worker serves (its models loaded and warmed up).
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -55,6 +60,8 @@ async def serve(
     try:
         async with Worker(settings, backend_factory=backend_factory) as worker:
             logger.info("worker %s %s", settings.worker_id, _start_line(worker))
+            if on_started is not None:
+                on_started()
             stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(worker.failed.wait())
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
@@ -95,6 +102,11 @@ def _busy_threads(wait_s: float = 0.2) -> list[threading.Thread]:
     return busy
 
 
+def _freeze_startup_heap() -> None:
+    frozen = gc_tuning.freeze_startup_heap()
+    logger.debug("garbage collection: %d objects made at start-up left out of its runs", frozen)
+
+
 def _serve_command(args: argparse.Namespace) -> int:
     return run_worker(load_settings(WorkerSettings, args))
 
@@ -119,8 +131,11 @@ def run_worker(settings: WorkerSettings, *, backend_factory: BackendFactory = lo
         # Process-wide, so set here and not in Worker (which tests run inside pytest's process); a plan the
         # worker chooses itself sets it when a model on a GPU starts.
         sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
+    gc_tuning.clock.install()
+    gc_tuning.tune(settings.gc_threshold)
+    on_started = _freeze_startup_heap if settings.gc_threshold else None
     with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
-        status = runner.run(serve(settings, backend_factory=backend_factory))
+        status = runner.run(serve(settings, backend_factory=backend_factory, on_started=on_started))
     busy = _busy_threads()
     if busy:
         # The worker has stopped and given back what it held; Python would still wait for these threads

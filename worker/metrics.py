@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from . import gc_tuning
+
 __all__ = ["GpuProbe", "WorkerMetrics"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        registry.register(gc_tuning.clock)  # jetinfer_gc_seconds_total, once `jetinfer serve` installs it
         self.requests = Counter(
             "jetinfer_requests",
             "Requests answered, by outcome (ok or an error code)",

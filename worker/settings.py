@@ -11,6 +11,7 @@ from jetinfer.protocol import MODEL_NAME_PATTERN
 from jetinfer.settings import ConnectionSettings, StreamSettings, require, setting
 
 from .backends.base import BackendOptions
+from .gc_tuning import DEFAULT_GEN0_THRESHOLD
 from .reply_policy import DEFAULT_REPLY_PREFIXES, check_reply_prefix
 
 __all__ = ["BackendSettings", "WorkerSettings"]
@@ -129,6 +130,11 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
         "how long a busy thread may hold Python's GIL before another waiting thread gets it (0: Python's "
         "5 ms; default: chosen at start: 1 ms for a model on a GPU, so the threads feeding it get it sooner)",
     )
+    gc_threshold: int = setting(
+        DEFAULT_GEN0_THRESHOLD,
+        "allocations between runs of Python's garbage collector on its youngest generation (Python's own "
+        "700), with the objects made at start-up frozen out of its runs (0: Python's defaults, no freeze)",
+    )
     event_loop: str = setting(
         "auto", "asyncio event loop: uvloop, asyncio, or auto (uvloop where it is installed)"
     )
@@ -195,6 +201,11 @@ class WorkerSettings(BackendSettings, ConnectionSettings, StreamSettings):
             self.gil_switch_ms is None or self.gil_switch_ms == 0 or 0.05 <= self.gil_switch_ms <= 100,
             "gil_switch_ms",
             "must be 0 or 0.05..100",
+        )
+        require(
+            self.gc_threshold == 0 or 700 <= self.gc_threshold <= 10_000_000,
+            "gc_threshold",
+            "must be 0 or 700..10000000",
         )
         require(
             self.event_loop in ("auto", "uvloop", "asyncio"), "event_loop", "must be auto, uvloop or asyncio"

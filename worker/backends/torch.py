@@ -29,7 +29,6 @@ torch is imported only when a backend is created.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import warnings
@@ -43,6 +42,7 @@ from jetinfer.errors import BackendError, InvalidInputError, JetinferError, Mode
 from jetinfer.protocol import DATATYPES
 from jetinfer.repository import ModelVersion
 
+from ..gc_tuning import collect_everything
 from .base import Backend, BackendOptions
 from .torch_buckets import StaticBuckets, acquire_stream, return_stream, torch_dtype
 
@@ -376,8 +376,8 @@ class TorchBackend(Backend):
             return_stream(self._device, stream)
         if on_cuda and torch is not None:
             # An exported GraphModule sits in reference cycles: collect it now, so that its weights
-            # leave the GPU with this close and not at some later garbage collection.
-            gc.collect()
+            # leave the GPU with this close and not at some later garbage collection (frozen or not).
+            collect_everything()
             try:
                 torch.cuda.synchronize(self._device)
                 torch.cuda.empty_cache()
