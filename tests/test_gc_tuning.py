@@ -42,7 +42,7 @@ def test_a_frozen_cycle_survives_collect_but_not_collect_everything() -> None:
     assert gc_tuning.freeze_startup_heap() > 0
     del cycle
     gc.collect()
-    assert alive() is not None, "frozen: an ordinary collection leaves it (why the torch backend must not call it)"
+    assert alive() is not None, "frozen: an ordinary collection leaves it (so the torch backend must not)"
     gc_tuning.collect_everything()
     assert alive() is None
     assert gc.get_freeze_count() == 0
@@ -54,7 +54,8 @@ def test_the_clock_counts_collections_by_generation_but_not_the_freeze() -> None
     try:
         gc.collect(0)
         young, _, old = clock.seconds()
-        assert young > 0 and old == 0
+        assert young > 0
+        assert old == 0
         with clock.paused():
             gc.collect()
         assert clock.seconds()[2] == 0
@@ -72,4 +73,5 @@ def test_a_workers_metrics_export_the_collections_once_the_clock_runs() -> None:
     gc.collect()
     text = generate_latest(registry).decode()
     old = [line for line in text.splitlines() if line.startswith('jetinfer_gc_seconds_total{generation="2"}')]
-    assert len(old) == 1 and float(old[0].split()[-1]) > 0
+    assert len(old) == 1
+    assert float(old[0].split()[-1]) > 0
