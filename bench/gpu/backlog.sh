@@ -15,7 +15,8 @@
 # lanes in other proportions; SET=plan what the plan chooses for both models against its former choice
 # for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency; SET=idle idle latency with a lone
 # JPEG decoded on the GPU and in the asking thread, and both models' backlog once more; SET=light-plan the
-# trivial model's 8-JPEG stream alone, with the plan's choice and its former one. Wheels: .whl/.
+# trivial model's 8-JPEG stream alone, with the plan's choice and its former one; SET=gc both models with
+# the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0). Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -115,6 +116,19 @@ light_layouts() {  # the trivial model's 8-JPEG stream: the plan's layout, its f
 }
 if [ "${SET:-all}" = light-plan ]; then
     light_layouts
+    exit
+fi
+if [ "${SET:-all}" = gc ]; then  # the garbage collector tuned (the default) and as Python has it, alternately
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-gc700-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--gc-threshold=0
+    run trivial backlog-default1-again-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-gc700-again-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--gc-threshold=0
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-gc700-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--gc-threshold=0
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
+    run resnet50 backlog-gc700 60 --backlog 40000 --timeout-s 20 --worker-arg=--gc-threshold=0
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run resnet50 idle-gc700 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--gc-threshold=0
     exit
 fi
 if [ "${SET:-all}" = plan ]; then  # the plan's choice for both models against the layout it chose before

@@ -44,6 +44,10 @@ def main(out: Path) -> None:
                     f"{a} {v:.2f}" for a, v in sorted(shares.items(), key=lambda i: -i[1]) if v >= 0.01
                 )
                 print(f"{'':<22} {stage}: {listed}")
+            if point.get("gc_ms_per_request") is not None:
+                gc_ms = point["gc_ms_per_request"]
+                share = gc_ms * s["requests_per_s"] / 1000
+                print(f"{'':<22} garbage collection: {gc_ms * 1000:.1f} us a request, {share:.1%} of time")
             if "idle" in name:
                 idle_p50[name] = s["p50_ms"]
                 timing = point.get("worker_timing_p50_ms") or {}
