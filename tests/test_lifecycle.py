@@ -210,12 +210,22 @@ def replies(nc: FakeNats) -> list[tuple[str, str]]:
 # -- the outcome → action table ------------------------------------------------------------------------
 
 
+def inflight(world: Any) -> float | None:
+    """The in-flight gauge as a scrape reads it."""
+    value = world.metrics.registry.get_sample_value("jetinfer_inflight_requests", {"model": MODEL})
+    return None if value is None else float(value)
+
+
 async def test_answered_reply_is_acked_once_a_flush_confirms_it(world: Any, log: Log) -> None:
     msg = FakeMsg(log, 1)
+    world.settler.hold([Delivery(msg, touched=0.0)])  # type: ignore[arg-type]
+    assert inflight(world) == 1
     await world.settler.answer(ran(request_for(msg), {"output": INPUT * 2}))
     assert msg.settled == []  # published, not yet confirmed
+    assert inflight(world) == 1
     await world.settler.confirm()
     assert msg.settled == [("ack", None)]
+    assert inflight(world) == 0
     assert log.index(("publish", "_INBOX.c.1")) < log.index(("flush",)) < log.index(("ack", "1"))
     assert replies(world.nc) == [("_INBOX.c.1", "ok")]
     assert dlq_reasons(world.js) == []

@@ -170,7 +170,8 @@ class Settler:
         self._confirm_wanted = asyncio.Event()
         self._confirm_lock = asyncio.Lock()
         self._durable: set[asyncio.Task[None]] = set()
-        self._inflight = metrics.inflight.labels(model=model)
+        # Read when scraped, not set per message (a gauge's set takes a lock each time).
+        metrics.inflight.labels(model=model).set_function(lambda: len(self._held))
         self._outcomes: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.progress_sent = 0  # in_progress signals sent
 
@@ -180,7 +181,6 @@ class Settler:
         """Answer for these deliveries from now on (keep them alive until they are settled)."""
         for delivery in deliveries:
             self._held[id(delivery.msg)] = delivery
-        self._inflight.set(len(self._held))
 
     def held_messages(self) -> list[Msg]:
         """The messages held and not settled yet."""
@@ -404,7 +404,6 @@ class Settler:
             what = request.request_id if request is not None else "a request"
             logger.warning("model %s: %s of %s failed: %s", self.model, action.value, what, exc)
         self._held.pop(id(msg), None)
-        self._inflight.set(len(self._held))
         if action is AckAction.NAK or request is None:
             return
         answered, duration = self._outcome_series(version, status)
