@@ -57,7 +57,11 @@ async def bare_loop(url: str, model: str, batch: int, stop: asyncio.Event) -> in
                 await nc.publish(reply_to, body, headers={"Jetinfer-Status": "ok"})
             await msg.ack()
         handled += len(msgs)
-    await nc.drain()
+    # Everything fetched is answered by now: send what is buffered and close (a drain would wait on the
+    # fetch's inbox subscription, up to its timeout).
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=5)
+    await nc.close()
     return handled
 
 

@@ -683,14 +683,15 @@ async def _run_levels(
 
 
 async def _drain_backlog(
-    settings: BenchSettings, repository: Path, payload: Payload, frames: int
+    settings: BenchSettings, repository: Path, payload: Payload, frames: int, *, bare: bool = False
 ) -> BenchPoint:
-    """`--backlog N`: N requests stored, then the workers started and timed answering them."""
+    """`--backlog N`: N requests stored, then the workers (or, with `bare`, as many bare loops) started
+    and timed answering them."""
     from .drain import Backlog
 
     backlog = Backlog(settings.model, payload, count=settings.backlog, input_name=settings.input_name)
     try:
-        async with _stack(settings, repository, bare=False, before_workers=backlog.publish) as (
+        async with _stack(settings, repository, bare=bare, before_workers=backlog.publish) as (
             _,
             metrics_urls,
         ):
@@ -715,10 +716,11 @@ async def _drain_backlog(
         mean_ms=nan,
         errors=dict(backlog.errors),
     )
-    point = BenchPoint("backlog", float(settings.backlog), summary)
+    point = BenchPoint("bare-backlog" if bare else "backlog", float(settings.backlog), summary)
     # The workers started with the backlog: their counters since start are the whole drain (some of
-    # it may be done before they are ready); the GPU memory is as they were ready.
-    _add_worker_figures(point, {"gpu_memory_bytes": before["gpu_memory_bytes"]}, after)
+    # it may be done before they are ready); the GPU memory is as they were ready. Bare loops have none.
+    if after:
+        _add_worker_figures(point, {"gpu_memory_bytes": before["gpu_memory_bytes"]}, after)
     return point
 
 
@@ -861,8 +863,9 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
             assert repository is not None
             modes = ["worker", "bare"] if settings.bare else ["worker"]
             if settings.backlog:
-                point = await _drain_backlog(settings, repository, payload, frames)
-                points.append(dataclasses.replace(point, round=number))
+                for bare in (False, True) if settings.bare else (False,):
+                    point = await _drain_backlog(settings, repository, payload, frames, bare=bare)
+                    points.append(dataclasses.replace(point, round=number))
                 modes = []
             for mode in modes:
                 async with _stack(settings, repository, bare=mode == "bare") as (url, metrics_urls):

@@ -96,7 +96,9 @@ class BenchSettings(ConnectionSettings):
         [], "batch sizes for --engine-only", default_text="1 and the model's max_batch"
     )
     bare: bool = setting(
-        False, "with --embedded: also run the bare fetch/ack/reply loop in place of the worker"
+        False,
+        "with --embedded: also run the bare fetch/ack/reply loop in place of the worker (as many as "
+        "--workers; with --backlog, draining the same backlog after the workers)",
     )
     backlog: int = setting(
         0,

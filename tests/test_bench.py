@@ -102,15 +102,27 @@ def test_a_backlog_is_stored_first_then_every_request_answered_and_timed(
     report_path = tmp_path / "report.json"
     common = _identity_args(demo_repository)
     result = run_cli(
-        "bench", "--embedded", *common, "--backlog", "2000", "--json", str(report_path), "--no-progress"
+        "bench",
+        "--embedded",
+        *common,
+        "--backlog",
+        "2000",
+        "--bare",
+        "--json",
+        str(report_path),
+        "--no-progress",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    [point] = json.loads(report_path.read_text())["points"]
-    assert point["mode"] == "backlog"
-    summary = point["summary"]
-    assert summary["requests"] == 2000  # every stored request answered, none twice
-    assert summary["errors"] == {}
-    assert summary["frames_per_s"] > 0
+    point, bare = json.loads(report_path.read_text())["points"]
+    assert (point["mode"], bare["mode"]) == ("backlog", "bare-backlog")
+    for summary in (point["summary"], bare["summary"]):
+        assert summary["requests"] == 2000  # every stored request answered, none twice
+        assert summary["errors"] == {}
+        assert summary["frames_per_s"] > 0
+    # `jetinfer serve` times its garbage collector (jetinfer_gc_seconds_total); a bare loop has no metrics.
+    assert point["gc_ms_per_request"] >= 0
+    assert bare["gc_ms_per_request"] is None
+    assert "garbage collection: " in result.stdout
     # Stored before the worker started: its batches were full, not the trickle of a closed loop.
     assert point["mean_batch"] > 8
     # Where its stages spent their time: each stage's shares add up to the whole.
