@@ -16,7 +16,9 @@
 # for the trivial model (8 processes, 2 nvJPEG lanes), and idle latency; SET=idle idle latency with a lone
 # JPEG decoded on the GPU and in the asking thread, and both models' backlog once more; SET=light-plan the
 # trivial model's 8-JPEG stream alone, with the plan's choice and its former one; SET=gc both models with
-# the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0). Wheels: .whl/.
+# the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0); SET=pulls the
+# trivial model's 1-JPEG backlog drained by 1, 2 and 4 workers and as many bare fetch/reply/ack loops
+# (`--bare`). Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -46,7 +48,7 @@ source bench/gpu/install.sh
 
 step build
 case ${SET:-all} in  # the models a set runs
-    light | light-plan) MODELS=trivial ;;
+    light | light-plan | pulls) MODELS=trivial ;;
     variants) MODELS=resnet50 ;;
     *) MODELS="resnet50 trivial" ;;
 esac
@@ -116,6 +118,28 @@ light_layouts() {  # the trivial model's 8-JPEG stream: the plan's layout, its f
 }
 if [ "${SET:-all}" = light-plan ]; then
     light_layouts
+    exit
+fi
+if [ "${SET:-all}" = pulls ]; then  # how far more pull connections go
+    step "a JPEG's bytes to a CPU tensor for nvJPEG, per image"
+    timeout 60 $PY - >> "$OUT/decoders.txt" 2>&1 <<'PY'
+import timeit, warnings, numpy as np, torch
+images = [bytes(np.random.default_rng(i).integers(0, 255, 20000, dtype=np.uint8)) for i in range(256)]
+def per_image(): return [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in images]
+def joined():
+    flat = torch.from_numpy(np.frombuffer(bytearray(b"".join(images)), np.uint8))
+    out, start = [], 0
+    for image in images:
+        out.append(flat[start : start + len(image)]); start += len(image)
+    return out
+for name, f in (("frombuffer(bytearray) each", per_image), ("one buffer, a view each", joined)):
+    print(f"{name}: {min(timeit.repeat(f, number=20, repeat=5)) / 20 / 256 * 1e6:.2f} us per image")
+PY
+    cat "$OUT/decoders.txt" >&2
+    run trivial backlog-pulls1-f1 90 --backlog 60000 --timeout-s 20 --bare
+    run trivial backlog-pulls2-f1 120 --backlog 60000 --timeout-s 20 --bare --workers 2
+    run trivial backlog-pulls4-f1 60 --backlog 60000 --timeout-s 20 --bare --workers 4 \
+        --worker-arg=--decode-processes=1 --worker-arg=--gpu-decode-lanes=1
     exit
 fi
 if [ "${SET:-all}" = gc ]; then  # the garbage collector tuned (the default) and as Python has it, alternately

@@ -29,8 +29,8 @@ def main(out: Path) -> None:
     idle_p50: dict[str, float] = {}
     for path in sorted(out.glob("e2e-*.json")):
         report = _load(path)
-        name = path.stem.removeprefix("e2e-")
         for point in report["points"]:
+            name = path.stem.removeprefix("e2e-") + ("-bare" if point["mode"].startswith("bare") else "")
             s = point["summary"]
             before, after = point.get("gpu_memory_before_bytes"), point.get("gpu_memory_after_bytes")
             memory = f"{before / 2**20:.0f}/{after / 2**20:.0f}" if before and after else "-"
