@@ -138,7 +138,7 @@ PY
     cat "$OUT/decoders.txt" >&2
     run trivial backlog-pulls1-f1 90 --backlog 60000 --timeout-s 20 --bare
     run trivial backlog-pulls2-f1 120 --backlog 60000 --timeout-s 20 --bare --workers 2
-    run trivial backlog-pulls4-f1 60 --backlog 60000 --timeout-s 20 --bare --workers 4 \
+    run trivial backlog-pulls4-f1 150 --backlog 60000 --timeout-s 20 --bare --workers 4 \
         --worker-arg=--decode-processes=1 --worker-arg=--gpu-decode-lanes=1
     exit
 fi
