@@ -11,6 +11,7 @@ import pytest
 
 from jetinfer.errors import BackendError, InvalidInputError, ModelLoadError, SettingsError, TooLargeError
 from jetinfer.repository import ModelConfig, ModelVersion, TensorSpec, write_version
+from jetinfer.worker import gc_tuning
 from jetinfer.worker.backends.base import BackendOptions, load_backend
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the export extra)")
@@ -366,3 +367,22 @@ def test_cuda_memory_is_flat_across_reloads(version: ModelVersion) -> None:
     for _ in range(3):
         cycle()
         assert torch.cuda.memory_allocated(0) == baseline
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_version_loaded_before_the_heap_was_frozen_still_leaves_the_gpu(version: ModelVersion) -> None:
+    """`jetinfer serve` freezes the start-up heap, the loaded version in it; a frozen cycle is never
+    collected, so the backend's close must unfreeze before it collects (worker/gc_tuning.py)."""
+    load_backend(version, BackendOptions(device=0)).close()  # what torch keeps per process, made once
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated(0)
+    backend = load_backend(version, BackendOptions(device=0))
+    backend.infer({"images": frames(3)})
+    try:
+        assert gc_tuning.freeze_startup_heap() > 0
+        assert torch.cuda.memory_allocated(0) > baseline
+        backend.close()
+        assert torch.cuda.memory_allocated(0) == baseline
+    finally:
+        gc_tuning.collect_everything()
