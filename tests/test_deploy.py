@@ -55,6 +55,7 @@ COUNTERS = {
     "jetinfer_reloads_total",
     "jetinfer_replies_refused_total",
     "jetinfer_stage_seconds_total",
+    "jetinfer_gc_seconds_total",
 }
 HISTOGRAMS = {
     "jetinfer_batch_size",
