@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -37,8 +36,6 @@ __all__ = [
     "freeze_startup_heap",
     "tune",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Allocations between collections of the youngest generation (Python's default is 700).
 DEFAULT_GEN0_THRESHOLD: Final = 20_000
