@@ -28,6 +28,8 @@ the worker's ack policy is built on
 
 from __future__ import annotations
 
+from typing import Self
+
 __all__ = [
     "BackendError",
     "DeadlineExceededError",
@@ -65,6 +67,17 @@ class RequestError(JetinferError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def detached(self) -> Self:
+        """This error without its traceback (nor those of the exceptions that caused it), to be kept as a
+        request's outcome. A traceback holds the frames that raised it, and they hold the request that
+        keeps the error: a reference cycle, with the request's data in it, that only the garbage
+        collector would free."""
+        link: BaseException | None = self
+        while link is not None:
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
+        return self
 
 
 class PermanentError(RequestError):

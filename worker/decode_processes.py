@@ -250,7 +250,7 @@ def _decode_into(
             out[index] = decode_pixels(data, config)[0]
             errors.append(None)
         except RequestError as exc:
-            errors.append(exc)
+            errors.append(exc.detached())
         except Exception as exc:  # whatever a decoder library raises, the image is what is wrong
             errors.append(InvalidInputError(f"cannot decode image: {type(exc).__name__}: {exc}"))
     del out, view  # release the exports of the shared buffer

@@ -201,7 +201,7 @@ def prepare_request(
             request.frames = _validate(inputs, config, max_batch)
             request.inputs = inputs
     except RequestError as exc:
-        request.error = exc
+        request.error = exc.detached()
     except Exception as exc:  # never let a malformed request escape as a crash
         request.error = InvalidInputError(f"cannot read request: {type(exc).__name__}: {exc}")
     return _finish(request, msg)

@@ -46,7 +46,7 @@ class RanBatch:
 
 def _request_error(exc: BaseException) -> RequestError:
     if isinstance(exc, RequestError):
-        return exc
+        return exc.detached()
     return BackendError(f"{type(exc).__name__}: {exc}")
 
 
@@ -83,7 +83,7 @@ class Runner:
             try:
                 check_deadline(request, now)
             except DeadlineExceededError as exc:
-                expired[index] = exc
+                expired[index] = exc.detached()
         if len(expired) == len(batch.requests):
             return RanBatch(batch, "", now, 0.0, tuple(expired[i] for i in range(len(batch.requests))))
         live = batch

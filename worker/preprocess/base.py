@@ -57,7 +57,7 @@ class Preprocessing(abc.ABC):
         try:
             frames = [self.decode_image(image, preprocess) for image in request.encoded]
         except RequestError as exc:
-            request.error = exc
+            request.error = exc.detached()
             return
         except Exception as exc:  # whatever a decoder library raises, the image is what is wrong
             request.error = InvalidInputError(f"cannot decode image: {type(exc).__name__}: {exc}")
