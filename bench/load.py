@@ -718,9 +718,11 @@ async def _drain_backlog(
     )
     point = BenchPoint("bare-backlog" if bare else "backlog", float(settings.backlog), summary)
     # The workers started with the backlog: their counters since start are the whole drain (some of
-    # it may be done before they are ready); the GPU memory is as they were ready. Bare loops have none.
+    # it may be done before they are ready); the GPU memory is as they were ready, and the garbage
+    # collector counts from then (its start-up runs are not the drain's). Bare loops have no metrics.
     if after:
-        _add_worker_figures(point, {"gpu_memory_bytes": before["gpu_memory_bytes"]}, after)
+        at_ready = {key: before[key] for key in ("gpu_memory_bytes", "gc_seconds")}
+        _add_worker_figures(point, at_ready, after)
     return point
 
 

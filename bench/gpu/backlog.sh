@@ -18,7 +18,7 @@
 # trivial model's 8-JPEG stream alone, with the plan's choice and its former one; SET=gc both models with
 # the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0); SET=pulls the
 # trivial model's 1-JPEG backlog drained by 1, 2 and 4 workers and as many bare fetch/reply/ack loops
-# (`--bare`). Wheels: .whl/.
+# (`--bare`); SET=gc-drain the collector's time while the trivial model's two streams drain. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -48,7 +48,7 @@ source bench/gpu/install.sh
 
 step build
 case ${SET:-all} in  # the models a set runs
-    light | light-plan | pulls) MODELS=trivial ;;
+    light | light-plan | pulls | gc-drain) MODELS=trivial ;;
     variants) MODELS=resnet50 ;;
     *) MODELS="resnet50 trivial" ;;
 esac
@@ -140,6 +140,11 @@ PY
     run trivial backlog-pulls2-f1 120 --backlog 60000 --timeout-s 20 --bare --workers 2
     run trivial backlog-pulls4-f1 150 --backlog 60000 --timeout-s 20 --bare --workers 4 \
         --worker-arg=--decode-processes=1 --worker-arg=--gpu-decode-lanes=1
+    exit
+fi
+if [ "${SET:-all}" = gc-drain ]; then  # the collector's time while the trivial model's streams drain
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     exit
 fi
 if [ "${SET:-all}" = gc ]; then  # the garbage collector tuned (the default) and as Python has it, alternately
