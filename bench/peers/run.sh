@@ -5,6 +5,7 @@
 # (bench/cpu_cost.py: REQUESTS images measured after WARMUP, CONCURRENCY in flight) against, one after the
 # other and in ROUNDS rounds whose order alternates (this shared machine drifts):
 #   jetinfer    .venv/bin/jetinfer serve, no tuning flags
+#   jetinfer-gc700  the same with Python's garbage collector settings (--gc-threshold 0)
 #   nats-py     bench/peers/nats_py_worker.py, a plain nats-py worker (the repository's .venv)
 #   faststream  bench/peers/faststream_worker.py, FastStream 0.7.8 (.peers/faststream)
 #   pytriton    bench/peers/pytriton_server.py, Triton through PyTriton, HTTP (.peers/pytriton)
@@ -68,6 +69,7 @@ $JETINFER --log-level WARNING export-demo --repository "$R" --models "$MODEL" --
 command_for() { # the system's command line for cpu_cost.py (placeholders filled in there)
     case $1 in
     jetinfer) echo "$JETINFER serve --nats-url {nats_url} --repository {repository} --model {model} --metrics-port 0" ;;
+    jetinfer-gc700) echo "$JETINFER serve --nats-url {nats_url} --repository {repository} --model {model} --metrics-port 0 --gc-threshold 0" ;;
     nats-py) echo ".venv/bin/python bench/peers/nats_py_worker.py --nats-url {nats_url} --repository {repository} --model {model}" ;;
     faststream) echo ".peers/faststream/bin/python bench/peers/faststream_worker.py --nats-url {nats_url} --repository {repository} --model {model}" ;;
     pytriton) echo ".peers/pytriton/bin/python bench/peers/pytriton_server.py --repository {repository} --model {model} --http-port {http_port} --grpc-port {grpc_port} --metrics-port {metrics_port}" ;;
