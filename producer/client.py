@@ -9,7 +9,9 @@ Replies are core NATS messages: one sent while this client was disconnected is g
 reconnect, every request still waiting is published again (after `resend_after_s`, so replies
 already on their way arrive first), under the id `<id>~r<n>` (the original id is deduplicated by
 JetStream for two minutes); whichever reply comes first answers the call, the other is dropped
-as a duplicate.
+as a duplicate. A reply lost in a server that died between the worker and this client, while this
+client stayed connected elsewhere, is found through the consumer's ack floor (`lost_replies`): the
+request is published again the same way.
 
 With a tenant (`ClientSettings.tenant`, `--tenant`, `JETINFER_TENANT`), requests go to
 `infer.<model>.<tenant>`, the reply inbox is below `_INBOX.<tenant>` and durable job replies go to
@@ -66,9 +68,10 @@ from jetinfer.protocol import (
     request_headers,
 )
 from jetinfer.settings import ConnectionSettings
-from jetinfer.streams import INFER_STREAM, infer_subject, results_subject, subject_matches
+from jetinfer.streams import INFER_STREAM, consumer_name, infer_subject, results_subject, subject_matches
 
 from .ids import id_key, keyed_tag, new_request_id
+from .lost_replies import AckedWithoutReply
 from .metrics import ClientMetrics
 from .settings import ClientSettings
 
@@ -152,6 +155,7 @@ def encode_payload(
 class _Sent:
     """A published request, kept until its reply so it can be published again after a reconnect."""
 
+    model: str
     subject: str
     body: bytes
     content_type: str
@@ -159,6 +163,7 @@ class _Sent:
     reply_to: str
     deadline_ms: int | None
     published_at: float
+    stream_seq: int  # where INFER stored it (the PubAck's seq)
 
 
 class Client:
@@ -173,6 +178,7 @@ class Client:
         publish_timeout_s: float = 5.0,
         metrics: ClientMetrics | None = None,
         resend_after_s: float = 1.0,
+        lost_reply_check_s: float = 1.0,
     ) -> None:
         if settings is None:
             settings = ClientSettings(nats_url=url) if url else ClientSettings()
@@ -190,12 +196,17 @@ class Client:
         self._sent: dict[str, _Sent] = {}  # token -> what to publish again after a reconnect
         self._stream_checks: dict[str, tuple[float, bool]] = {}  # subject -> (when, INFER takes it)
         self._sequence = 0
-        self._reconnects = 0
+        self._attempts: dict[str, int] = {}  # token -> times published again
         self._resend_tasks: set[asyncio.Task[None]] = set()
         self.resend_after_s = resend_after_s
         self.duplicates_dropped = 0
-        self.resent = 0  # requests published again after a reconnect
+        self.resent = 0  # requests published again (after a reconnect, or acknowledged without a reply)
         self.metrics = metrics
+        self.lost_reply_check_s = lost_reply_check_s
+        self._lost = AckedWithoutReply(
+            self._ack_floor, self._ask_again, check_s=lost_reply_check_s, grace_s=max(resend_after_s, 0.1)
+        )
+        self._lost_task: asyncio.Task[None] | None = None
 
     @property
     def nc(self) -> NatsClient:
@@ -219,13 +230,22 @@ class Client:
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
         self._prefix = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1)
+        if self.lost_reply_check_s > 0:
+            self._lost_task = asyncio.create_task(self._lost.run(), name="jetinfer-lost-replies")
         return self
+
+    @property
+    def lost_replies(self) -> int:
+        """Requests published again because a worker acknowledged them and no reply came."""
+        return self._lost.asked_again
 
     async def close(self) -> None:
         """Fail the requests still waiting, unsubscribe and drain. Safe to call twice."""
-        for task in list(self._resend_tasks):
+        tasks = [*self._resend_tasks, *([self._lost_task] if self._lost_task is not None else [])]
+        self._lost_task = None
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._resend_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for future in self._waiting.values():
             if not future.done():
                 future.cancel()
@@ -257,12 +277,11 @@ class Client:
         future.set_result(msg)
 
     async def _on_reconnect(self) -> None:
-        self._reconnects += 1
-        task = asyncio.create_task(self._resend_waiting(self._reconnects, time.monotonic()))
+        task = asyncio.create_task(self._resend_waiting(time.monotonic()))
         self._resend_tasks.add(task)
         task.add_done_callback(self._resend_tasks.discard)
 
-    async def _resend_waiting(self, reconnect: int, reconnected_at: float) -> None:
+    async def _resend_waiting(self, reconnected_at: float) -> None:
         """Publish again the requests sent before a reconnect that still wait for their reply."""
         await asyncio.sleep(self.resend_after_s)
         waiting = [
@@ -276,18 +295,22 @@ class Client:
         for index in range(0, len(waiting), 256):
             chunk = waiting[index : index + 256]
             results = await asyncio.gather(
-                *(self._resend(token, sent, reconnect) for token, sent in chunk), return_exceptions=True
+                *(self._resend(token, sent) for token, sent in chunk), return_exceptions=True
             )
             for (_, sent), result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
                     logger.warning("could not publish request %s again: %s", sent.request_id, result)
 
-    async def _resend(self, token: str, sent: _Sent, reconnect: int) -> None:
+    async def _resend(self, token: str, sent: _Sent) -> int | None:
+        """Publish the request waiting under `token` again as `<id>~r<n>`; its new stream sequence, or None
+        where it no longer waits (or its id has no room for the suffix)."""
         if token not in self._waiting:
-            return
-        retry_id = f"{sent.request_id}~r{reconnect}"
+            return None
+        attempt = self._attempts.get(token, 0) + 1
+        retry_id = f"{sent.request_id}~r{attempt}"
         if len(retry_id) > MAX_ID_LENGTH:
-            return
+            return None
+        self._attempts[token] = attempt
         body = sent.body
         if sent.content_type == CONTENT_TYPE_MSGPACK:
             request = decode_request(body, limits=Limits(max_bytes=len(body)))
@@ -295,8 +318,20 @@ class Client:
         headers = request_headers(
             retry_id, sent.reply_to, content_type=sent.content_type, deadline_ms=sent.deadline_ms
         )
-        await self._publish_with_retries(sent.subject, body, headers, retry_id)
+        stream_seq = await self._publish_with_retries(sent.subject, body, headers, retry_id)
         self.resent += 1
+        if token in self._waiting:
+            self._lost.watch(token, sent.model, sent.request_id, stream_seq)
+        return stream_seq
+
+    async def _ask_again(self, token: str) -> int | None:
+        sent = self._sent.get(token)
+        return None if sent is None else await self._resend(token, sent)
+
+    async def _ack_floor(self, model: str) -> int:
+        """The stream sequence at and below which `model`'s consumer has acknowledged every request."""
+        info = await self.js.consumer_info(INFER_STREAM, consumer_name(model), timeout=2.0)
+        return int(info.ack_floor.stream_seq) if info.ack_floor is not None else 0
 
     def new_request_id(self) -> str:
         """A fresh, unique request id that nobody can predict (128 random bits)."""
@@ -362,21 +397,23 @@ class Client:
         body, content_type = encode_payload(request_id, payload, input_name=input_name, parameters=parameters)
         headers = request_headers(request_id, reply_to, content_type=content_type, deadline_ms=deadline_ms)
         subject = self.infer_subject(model)
-        await self._publish_with_retries(subject, body, headers, request_id)
-        return _Sent(subject, body, content_type, request_id, reply_to, deadline_ms, time.monotonic())
+        stream_seq = await self._publish_with_retries(subject, body, headers, request_id)
+        at = time.monotonic()
+        return _Sent(model, subject, body, content_type, request_id, reply_to, deadline_ms, at, stream_seq)
 
     async def _publish_with_retries(
         self, subject: str, body: bytes, headers: dict[str, str], request_id: str
-    ) -> None:
-        """Publish until JetStream stores it: time-outs are retried `publish_retries` times with the same id;
+    ) -> int:
+        """Publish until JetStream stores it, and return its stream sequence: time-outs are retried
+        `publish_retries` times with the same id;
         "no responders" is `UnknownModelError` unless INFER takes the subject (its leader is being
         elected: retried for up to `publish_timeout_s * (publish_retries + 1)`)."""
         deadline = time.monotonic() + self.publish_timeout_s * (self.publish_retries + 1)
         timeouts = 0
         while True:
             try:
-                await self.js.publish(subject, body, headers=headers, timeout=self.publish_timeout_s)
-                return
+                ack = await self.js.publish(subject, body, headers=headers, timeout=self.publish_timeout_s)
+                return int(ack.seq)
             except MaxPayloadError:  # nats-py refuses it before sending: the connection stays up
                 raise TooLargeError(
                     f"request of {len(body)} bytes is over the NATS server's max_payload of "
@@ -441,7 +478,7 @@ class Client:
         deadline_ms = int((time.time() + timeout) * 1000)
         started = time.perf_counter()
         try:
-            self._sent[token] = await self._publish_request(
+            sent = self._sent[token] = await self._publish_request(
                 model,
                 payload,
                 request_id=request_id,
@@ -450,6 +487,7 @@ class Client:
                 input_name=input_name,
                 parameters=parameters,
             )
+            self._lost.watch(token, model, request_id, sent.stream_seq)
             if self.metrics is not None:
                 self.metrics.sent(model)
             try:
@@ -461,6 +499,8 @@ class Client:
         finally:
             self._waiting.pop(token, None)
             self._sent.pop(token, None)
+            self._attempts.pop(token, None)
+            self._lost.forget(token)
         if self.metrics is None:
             return self.read_reply(msg, request_id)
         try:

@@ -152,7 +152,11 @@ async def test_nats_server_restart_in_the_middle_of_a_load(model_repo: Any, tmp_
             renewals = worker.servers[model].intake.renewals
     tally = faults.tally(load.markers, results, client.duplicates_dropped)
     tally.recover_s = load.recovery_s(restarted_at)
-    check(tally, f"nats-server restart (file storage) mid-load, resent after reconnect={client.resent}")
+    check(
+        tally,
+        f"nats-server restart (file storage) mid-load, resent={client.resent} "
+        f"(acked without a reply: {client.lost_replies})",
+    )
     print(f"[delivery] pull renewals after the restart: {renewals}")
 
 
@@ -222,7 +226,11 @@ async def test_stream_leader_killed_in_a_three_node_cluster(model_repo: Any, tmp
             after = await client.js.stream_info(INFER_STREAM)
     tally = faults.tally(load.markers, results, client.duplicates_dropped)
     tally.recover_s = load.recovery_s(killed_at)
-    check(tally, f"stream leader {info.cluster.leader} killed (3 nodes, R3), resent={client.resent}")
+    check(
+        tally,
+        f"stream leader {info.cluster.leader} killed (3 nodes, R3), resent={client.resent} "
+        f"(acked without a reply: {client.lost_replies})",
+    )
     assert after.cluster is not None
     assert after.cluster.leader != info.cluster.leader
 

@@ -1158,6 +1158,13 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
         await worker.subscribe("_INBOX.producer_a.>")  # replying into an inbox does not mean reading it
         await msg.ack()
         await wjs.publish("results.producer_a.job1", b"durable reply")
+        # The producer reads the consumer's ack floor: how its client tells a reply lost in a dead server.
+        for _ in range(100):
+            floor = (await pjs.consumer_info(INFER_STREAM, "worker-demo")).ack_floor
+            if floor is not None and floor.stream_seq == ack.seq:
+                break
+            await asyncio.sleep(0.02)
+        assert floor is not None and floor.stream_seq == ack.seq, floor
 
         # The producer reads durable replies below its own prefix only.
         await pjs.add_consumer(

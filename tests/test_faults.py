@@ -7,15 +7,19 @@ and duplicates are counted and printed (`pytest -s` shows the `[delivery]` lines
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
 
 import msgpack
 import nats
+import numpy as np
+import pytest
 
-from jetinfer.errors import BackendError
+from jetinfer.errors import BackendError, RequestTimeoutError
 from jetinfer.producer.client import Client
+from jetinfer.producer.lost_replies import AckedWithoutReply
 from jetinfer.protocol import ErrorReply, decode_reply, request_headers
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import (
@@ -354,3 +358,78 @@ async def register_on(url: str, model: str, settings: StreamSettings) -> None:
         await ensure_consumer(js, model, settings)
     finally:
         await connection.close()
+
+
+async def take_and_ack_without_reply(url: str, model: str) -> str:
+    """Pull one request as a worker would and ack it without replying: what a client sees when the
+    server carrying the reply dies after the ack landed. Returns the request's id."""
+    connection = await nats.connect(url)
+    try:
+        sub = await connection.jetstream().pull_subscribe_bind(consumer_name(model), INFER_STREAM)
+        [msg] = await sub.fetch(1, timeout=10)
+        await msg.ack_sync()
+        return str(msg.headers.get("Nats-Msg-Id") if msg.headers else "")
+    finally:
+        await connection.close()
+
+
+async def test_client_asks_again_for_a_request_acknowledged_without_its_reply(
+    own_nats: Any, model_repo: Any
+) -> None:
+    """The ack landed, the reply did not (the client stayed connected): found through the ack floor."""
+    repo, model = model_repo("identity")
+    await register_on(own_nats.url, model, StreamSettings())
+    async with Client(own_nats.url, resend_after_s=0.2, lost_reply_check_s=0.1) as client:
+        call = asyncio.create_task(client.infer(model, faults.frames(9), timeout=60, request_id="lost"))
+        assert await take_and_ack_without_reply(own_nats.url, model) == "lost"
+        async with running_worker(own_nats.url, repo, [model]):
+            reply = await asyncio.wait_for(call, 30)
+    assert reply.id == "lost"
+    assert np.array_equal(reply.output(), faults.frames(9))
+    assert (client.lost_replies, client.resent) == (1, 1)
+
+
+async def test_client_asks_again_only_once_for_a_request_acknowledged_without_its_reply(
+    own_nats: Any, model_repo: Any
+) -> None:
+    """Acked without a reply twice: asked again once, then the caller's time-out (no loop of re-sends)."""
+    _, model = model_repo("identity")
+    await register_on(own_nats.url, model, StreamSettings())
+    async with Client(own_nats.url, resend_after_s=0.2, lost_reply_check_s=0.1) as client:
+        call = asyncio.create_task(client.infer(model, faults.frames(9), timeout=4, request_id="twice"))
+        assert await take_and_ack_without_reply(own_nats.url, model) == "twice"
+        assert await take_and_ack_without_reply(own_nats.url, model) == "twice~r1"
+        with pytest.raises(RequestTimeoutError):
+            await call
+        js = client.js
+        info = await js.consumer_info(INFER_STREAM, consumer_name(model))
+    assert (client.lost_replies, client.resent) == (1, 1)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+async def test_a_consumer_that_cannot_be_read_is_read_less_often_and_named_once(caplog: Any) -> None:
+    """Reading the ack floor fails (no permission, no leader): tries back off, one warning names the fix."""
+    tries: list[float] = []
+
+    async def unreadable(model: str) -> int:
+        tries.append(time.monotonic())
+        raise TimeoutError(f"nobody answered for {model}")
+
+    async def never(token: str) -> int | None:
+        raise AssertionError("nothing may be published again without an ack floor")
+
+    watch = AckedWithoutReply(unreadable, never, check_s=0.001, grace_s=0)
+    watch.watch("1", "identity", "some-id", 5)
+    checks = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        await watch.check()
+        checks += 1
+        await asyncio.sleep(0.001)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jetinfer.producer.lost_replies"]
+    assert 5 <= len(tries) <= 10 < checks, (len(tries), checks)
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert gaps[-1] > 2 * gaps[0], gaps
+    assert len(warnings) == 1, warnings
+    assert "identity" in warnings[0]
+    assert "$JS.API.CONSUMER.INFO.INFER.*" in warnings[0]

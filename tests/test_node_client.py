@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from jetinfer.embedded import EmbeddedNatsServer
+from jetinfer.settings import StreamSettings
 from tests.conftest import REPO_ROOT, running_worker
+from tests.test_faults import register_on, take_and_ack_without_reply
 from tests.test_protocol_doc import fenced_blocks
 
 NODE_MODULES = REPO_ROOT / ".node-deps" / "node_modules"
@@ -95,6 +97,23 @@ async def test_every_request_is_answered_across_a_server_restart(
     assert counts["errors"] == {}
     assert counts["reconnects"] >= 1
     assert counts["resent"] >= 1  # what an independent client without the duty lost (64 of 2,000)
+    assert code == 0
+
+
+async def test_a_request_acknowledged_without_its_reply_is_asked_for_again(
+    client_program: Path, own_nats: EmbeddedNatsServer, model_repo: Any
+) -> None:
+    """The ack landed, the reply did not (a server between worker and client died): the ack floor says."""
+    repo, model = model_repo("identity")
+    await register_on(own_nats.url, model, StreamSettings())
+    node = asyncio.create_task(run_client(client_program, {"NATS_URL": own_nats.url}, [model, "1", "1"]))
+    try:
+        await take_and_ack_without_reply(own_nats.url, model)
+        async with running_worker(own_nats.url, repo, [model]):
+            code, counts = await node
+    finally:
+        node.cancel()
+    assert (counts["answered"], counts["lostReplies"], counts["resent"]) == (1, 1, 1), counts
     assert code == 0
 
 
