@@ -197,6 +197,7 @@ class Client:
         self._stream_checks: dict[str, tuple[float, bool]] = {}  # subject -> (when, INFER takes it)
         self._sequence = 0
         self._attempts: dict[str, int] = {}  # token -> times published again
+        self._resending: set[str] = set()  # tokens being published again right now
         self._resend_tasks: set[asyncio.Task[None]] = set()
         self.resend_after_s = resend_after_s
         self.duplicates_dropped = 0
@@ -303,8 +304,9 @@ class Client:
 
     async def _resend(self, token: str, sent: _Sent) -> int | None:
         """Publish the request waiting under `token` again as `<id>~r<n>`; its new stream sequence, or None
-        where it no longer waits (or its id has no room for the suffix)."""
-        if token not in self._waiting:
+        where it no longer waits, is being published again already (after a reconnect and as acked without
+        a reply at once: one is enough), or its id has no room for the suffix."""
+        if token not in self._waiting or token in self._resending:
             return None
         attempt = self._attempts.get(token, 0) + 1
         retry_id = f"{sent.request_id}~r{attempt}"
@@ -318,7 +320,11 @@ class Client:
         headers = request_headers(
             retry_id, sent.reply_to, content_type=sent.content_type, deadline_ms=sent.deadline_ms
         )
-        stream_seq = await self._publish_with_retries(sent.subject, body, headers, retry_id)
+        self._resending.add(token)
+        try:
+            stream_seq = await self._publish_with_retries(sent.subject, body, headers, retry_id)
+        finally:
+            self._resending.discard(token)
         self.resent += 1
         if token in self._waiting:
             self._lost.watch(token, sent.model, sent.request_id, stream_seq)

@@ -144,7 +144,8 @@ class AckedWithoutReply:
         except Exception as exc:
             logger.warning("could not publish request %s again: %s", watched.request_id, exc)
             return
-        if stream_seq is None:
+        if stream_seq is None:  # not published (being published again already): may be asked for later
+            self._asked_again.discard(token)
             return
         self.asked_again += 1
         logger.info(

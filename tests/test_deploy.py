@@ -1164,7 +1164,8 @@ async def test_nats_users_get_only_their_roles_subjects(accounts_server: str) ->
             if floor is not None and floor.stream_seq == ack.seq:
                 break
             await asyncio.sleep(0.02)
-        assert floor is not None and floor.stream_seq == ack.seq, floor
+        assert floor is not None
+        assert floor.stream_seq == ack.seq, floor
 
         # The producer reads durable replies below its own prefix only.
         await pjs.add_consumer(
