@@ -205,7 +205,11 @@ class Client:
         self.metrics = metrics
         self.lost_reply_check_s = lost_reply_check_s
         self._lost = AckedWithoutReply(
-            self._ack_floor, self._ask_again, check_s=lost_reply_check_s, grace_s=max(resend_after_s, 0.1)
+            self._ack_floor,
+            self._ask_again,
+            lambda: self._sub is not None and self._sub.pending_msgs > 0,
+            check_s=lost_reply_check_s,
+            grace_s=max(resend_after_s, 0.1),
         )
         self._lost_task: asyncio.Task[None] | None = None
 

@@ -52,19 +52,23 @@ class AckedWithoutReply:
 
     `ack_floor(model)` returns the consumer's ack floor as a stream sequence, raising when it cannot be
     read; `ask_again(token)` publishes the request again and returns its new stream sequence (None if
-    it no longer waits). Each request is asked for again at most once.
+    it no longer waits); `replies_queued()` says whether replies have arrived that the client has not
+    handled yet (no request is judged then: its reply may be among them). Each request is asked for
+    again at most once.
     """
 
     def __init__(
         self,
         ack_floor: Callable[[str], Awaitable[int]],
         ask_again: Callable[[str], Awaitable[int | None]],
+        replies_queued: Callable[[], bool] = lambda: False,
         *,
         check_s: float = 1.0,
         grace_s: float = 2.0,
     ) -> None:
         self._ack_floor = ack_floor
         self._ask_again = ask_again
+        self._replies_queued = replies_queued
         self.check_s = check_s
         self.grace_s = grace_s
         self._watched: dict[str, _Watched] = {}
@@ -106,6 +110,8 @@ class AckedWithoutReply:
                     watched.acked_seen_at = now
                 elif now - watched.acked_seen_at >= self.grace_s:
                     due.append(token)
+            if due and self._replies_queued():
+                continue  # the client is behind on its replies: judge these at the next check
             for token in due:
                 await self._publish_again(token)
 
