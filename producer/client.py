@@ -162,7 +162,7 @@ class _Sent:
     request_id: str
     reply_to: str
     deadline_ms: int | None
-    published_at: float
+    published_at: float  # when the publish began
     stream_seq: int  # where INFER stored it (the PubAck's seq)
 
 
@@ -407,8 +407,8 @@ class Client:
         body, content_type = encode_payload(request_id, payload, input_name=input_name, parameters=parameters)
         headers = request_headers(request_id, reply_to, content_type=content_type, deadline_ms=deadline_ms)
         subject = self.infer_subject(model)
+        at = time.monotonic()  # before publishing: a reconnect while the PubAck is due can lose the reply
         stream_seq = await self._publish_with_retries(subject, body, headers, request_id)
-        at = time.monotonic()
         return _Sent(model, subject, body, content_type, request_id, reply_to, deadline_ms, at, stream_seq)
 
     async def _publish_with_retries(
