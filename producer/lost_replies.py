@@ -91,7 +91,10 @@ class AckedWithoutReply:
         """Check every `check_s` until cancelled."""
         while True:
             await asyncio.sleep(self.check_s)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a bug here must not end the watch, nor go unseen
+                logger.exception("looking for requests acknowledged without a reply failed")
 
     async def check(self) -> None:
         """One round: read the ack floor of each model with a request waiting longer than `grace_s`, and
