@@ -82,6 +82,14 @@ logger = logging.getLogger(__name__)
 #: What `infer` accepts: an array (named `input`), named arrays, encoded image bytes, or an image/.npy path.
 Payload = npt.NDArray[Any] | Mapping[str, npt.ArrayLike] | bytes | Path | list[bytes]
 
+#: The server's -ERR for a consumer-info request this client may not publish (nats-py lowercases it).
+_REFUSED_CONSUMER_INFO = re.compile(
+    r"permissions violation for publish to \W*"
+    + re.escape(f"$js.api.consumer.info.{INFER_STREAM}.worker-".lower())
+    + r"([a-z0-9_-]{1,64})",
+    re.IGNORECASE,
+)
+
 _IMAGE_SUFFIXES = {".jpg": CONTENT_TYPE_JPEG, ".jpeg": CONTENT_TYPE_JPEG, ".png": CONTENT_TYPE_PNG}
 
 
@@ -231,7 +239,12 @@ class Client:
         """Connect and subscribe to this client's reply inbox."""
         if self._nc is not None:
             return self
-        self._nc = await connect(self.settings, name="jetinfer-producer", reconnected_cb=self._on_reconnect)
+        self._nc = await connect(
+            self.settings,
+            name="jetinfer-producer",
+            reconnected_cb=self._on_reconnect,
+            error_cb=self._on_server_error,
+        )
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
         self._prefix = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1)
@@ -280,6 +293,14 @@ class Client:
                 self.metrics.duplicate()
             return
         future.set_result(msg)
+
+    async def _on_server_error(self, exc: Exception) -> bool:
+        """A refused consumer-info request is the lost-reply watch's to report (once); True where handled."""
+        found = _REFUSED_CONSUMER_INFO.search(str(exc))
+        if found is None:
+            return False
+        self._lost.refused(found.group(1), str(exc).strip())
+        return True
 
     async def _on_reconnect(self) -> None:
         task = asyncio.create_task(self._resend_waiting(time.monotonic()))

@@ -74,6 +74,7 @@ class AckedWithoutReply:
         self._watched: dict[str, _Watched] = {}
         self._asked_again: set[str] = set()
         self._readings: dict[str, _Reading] = {}
+        self._refused: set[str] = set()  # models whose consumer this client may not read
         #: Requests published again because they were acknowledged without a reply reaching this client.
         self.asked_again = 0
 
@@ -86,6 +87,19 @@ class AckedWithoutReply:
         """The request under `token` was answered or given up: stop watching it."""
         self._watched.pop(token, None)
         self._asked_again.discard(token)
+
+    def refused(self, model: str, why: str) -> None:
+        """The server refused this client `model`'s consumer info (permissions): stop asking, say so once."""
+        if model in self._refused:
+            return
+        self._refused.add(model)
+        logger.warning(
+            "the server refuses this client the consumer of model %s (%s): a reply lost in a server "
+            "failure is not noticed until the request's time-out; a tenant's NATS user needs "
+            "$JS.API.CONSUMER.INFO.INFER.* (deploy/nats/accounts.conf)",
+            model,
+            why,
+        )
 
     async def run(self) -> None:
         """Check every `check_s` until cancelled."""
@@ -101,7 +115,7 @@ class AckedWithoutReply:
         publish again every request that has been at or below it for `grace_s` without an answer."""
         now = time.monotonic()
         models = {w.model for w in self._watched.values() if now - w.published_at >= self.grace_s}
-        for model in sorted(models):
+        for model in sorted(models - self._refused):
             floor = await self._read_floor(model, now)
             if floor is None:
                 continue
@@ -125,6 +139,8 @@ class AckedWithoutReply:
         try:
             floor = await self._ack_floor(model)
         except Exception as exc:  # a leader being elected, or no permission to read the consumer
+            if model in self._refused:
+                return None
             reading.failures += 1
             reading.next_try_at = now + min(self.check_s * 2**reading.failures, MAX_BACKOFF_S)
             if reading.failures >= WARN_AFTER_FAILURES and not reading.warned:

@@ -28,8 +28,10 @@ from cryptography.x509.oid import NameOID
 
 from jetinfer.connection import connect
 from jetinfer.embedded import EmbeddedNatsServer
+from jetinfer.errors import RequestTimeoutError
 from jetinfer.producer.client import Client
-from jetinfer.settings import ConnectionSettings
+from jetinfer.settings import ConnectionSettings, StreamSettings
+from jetinfer.streams import ensure_consumer, ensure_streams, register_model
 from tests.conftest import running_worker
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -228,6 +230,32 @@ async def test_producer_credentials_cannot_pull_or_read_another_inbox_and_a_bad_
         assert "--nats-password" in message
         message = await refused(ConnectionSettings(nats_url=server.url))
         assert "requires authentication" in message
+
+
+async def test_a_producer_refused_the_consumer_info_is_told_once_and_never_asked_again(
+    model_repo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without $JS.API.CONSUMER.INFO.INFER.* a client cannot look for replies lost in a dead server: it
+    says so in one warning naming the permission, and asks no more (no violation after violation)."""
+    _, model = model_repo("identity")
+    with EmbeddedNatsServer(extra_config=USERS) as server:
+        setup = await nats.connect(server.url, user="worker", password="worker-secret")
+        try:
+            await ensure_streams(setup.jetstream(), StreamSettings())
+            await register_model(setup.jetstream(), model, StreamSettings())
+            await ensure_consumer(setup.jetstream(), model, StreamSettings())
+        finally:
+            await setup.close()
+        settings = producer(server.url, "producer_a", "a-secret")
+        async with Client(settings=settings, resend_after_s=0.1, lost_reply_check_s=0.05) as client:
+            with pytest.raises(RequestTimeoutError):  # no worker runs: the request waits
+                await client.infer(model, np.zeros((1, 4), np.float32), timeout=3)
+        log = server.log_file.read_text(errors="replace")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"consumer of model {model}" in warnings[0]
+    assert "$JS.API.CONSUMER.INFO.INFER.*" in warnings[0]
+    assert log.count(f"$JS.API.CONSUMER.INFO.INFER.worker-{model}") == 1, log[-2000:]
 
 
 # -- other credential kinds ----------------------------------------------------------------------
