@@ -51,10 +51,10 @@ class AckedWithoutReply:
     """Watches the requests a client waits for and publishes again those acknowledged without a reply.
 
     `ack_floor(model)` returns the consumer's ack floor as a stream sequence, raising when it cannot be
-    read; `ask_again(token)` publishes the request again and returns its new stream sequence (None if
-    it no longer waits); `replies_queued()` says whether replies have arrived that the client has not
-    handled yet (no request is judged then: its reply may be among them). Each request is asked for
-    again at most once.
+    read; `ask_again(token)` publishes the request again (and `watch`es the new copy), returning its
+    stream sequence, or None where it did not publish; `replies_queued()` says whether replies have
+    arrived that the client has not handled yet (no request is judged then: its reply may be among
+    them). Each request is asked for again at most once.
     """
 
     def __init__(
@@ -165,11 +165,11 @@ class AckedWithoutReply:
             return
         self._asked_again.add(token)
         try:
-            stream_seq = await self._ask_again(token)
+            published = await self._ask_again(token)
         except Exception as exc:
             logger.warning("could not publish request %s again: %s", watched.request_id, exc)
             return
-        if stream_seq is None:  # not published (being published again already): may be asked for later
+        if published is None:  # not published (being published again already): may be asked for later
             self._asked_again.discard(token)
             return
         self.asked_again += 1
@@ -178,5 +178,3 @@ class AckedWithoutReply:
             watched.request_id,
             watched.model,
         )
-        if token in self._watched:
-            self.watch(token, watched.model, watched.request_id, stream_seq)
