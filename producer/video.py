@@ -163,8 +163,15 @@ class _Job:
         self.split: set[str] = set()  # request ids of messages whose frames were sent again one by one
         self.regroup: list[int] = []  # frames of such a message still to be sent alone
         self.images: dict[int, bytes] = {}  # the images of frames sent in messages of several
+        self.results_read = 0  # messages of this job's subject read from RESULTS, whatever they held
 
     async def on_result(self, msg: Any) -> None:
+        """Take one message of this job's subject from RESULTS (an answer, or not this job's)."""
+        self.results_read += 1
+        self._take(msg)
+        self.changed.set()
+
+    def _take(self, msg: Any) -> None:
         try:
             reply = decode_reply(msg.data)
         except Exception as exc:
@@ -184,22 +191,22 @@ class _Job:
                 self.outstanding.discard(index)
                 self.images.pop(index, None)
         self.last_progress = time.monotonic()
-        self.changed.set()
 
     async def read_earlier_answers(self, timeout_s: float) -> None:
         """Wait (bounded) until the answers RESULTS holds for this job have arrived."""
         info = await self.client.js.stream_info(RESULTS_STREAM, subjects_filter=self.subject)
         stored = (info.state.subjects or {}).get(self.subject, 0) if info.state else 0
         deadline = time.monotonic() + timeout_s
-        while len(self.replies) < stored and time.monotonic() < deadline:
+        # Counted in messages, not frames: one message may answer several frames.
+        while self.results_read < stored and time.monotonic() < deadline:
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), 0.5)
-        if len(self.replies) < stored:
+        if self.results_read < stored:
             logger.warning(
                 "job %s: read %d of the %d answers RESULTS holds within %g s; sending the rest again",
                 self.job,
-                len(self.replies),
+                self.results_read,
                 stored,
                 timeout_s,
             )

@@ -6,13 +6,17 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from jetinfer.producer.client import Client
-from jetinfer.producer.video import read_frames, video_job
+from jetinfer.producer.video import JobProgress, _frame_id, _Job, read_frames, video_job
+from jetinfer.protocol import encode_outputs
+from jetinfer.settings import StreamSettings
+from jetinfer.streams import RESULTS_STREAM, ensure_streams
 from tests.conftest import NatsUnderTest, run_cli, running_worker, wait_until_answered
 
 FRAMES = 40
@@ -282,3 +286,26 @@ def test_ctrl_c_of_video_says_how_to_resume(
     assert "interrupted" in stderr
     assert "Re-run the same command to resume" in stderr
     assert "Traceback" not in stderr
+
+
+async def test_an_earlier_run_is_read_whole_when_its_messages_answer_several_frames(
+    nats_server: NatsUnderTest, model_repo: Any
+) -> None:
+    """Resuming counts the messages RESULTS holds, not frames: the first message's 8 frames are not all."""
+    _, model = model_repo("identity")
+    async with Client(nats_server.url) as client:
+        await ensure_streams(client.js, StreamSettings())
+        job = _Job(client, model, "resume-several", 64, JobProgress(), per_message=8)
+        bodies = [
+            encode_outputs(_frame_id(job.job, first, count=n), model, "1", {"y": np.zeros((n, 4))}, {})
+            for first, n in ((0, 8), (8, 4))
+        ]
+        for body in bodies:
+            await client.js.publish(job.subject, body, stream=RESULTS_STREAM)
+        await job.on_result(SimpleNamespace(data=bodies[0]))
+        reading = asyncio.create_task(job.read_earlier_answers(10.0))
+        await asyncio.sleep(0.3)
+        assert not reading.done(), "it stopped reading with one of the two stored answers unread"
+        await job.on_result(SimpleNamespace(data=bodies[1]))
+        await asyncio.wait_for(reading, 5)
+    assert job.earlier == set(range(12))
