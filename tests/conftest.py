@@ -226,8 +226,8 @@ def model_repo(demo_repository: Path, tmp_path: Path, unique: str) -> Any:
 async def wait_until_answered(js: Any, model: str, timeout_s: float = 30.0) -> None:
     """Wait until the server holds nothing for `model`: every request delivered and acked or termed.
 
-    The worker counts a request right after its ack or term, in the same step, so once the server
-    has the ack the counters are final (a reply can reach the client before that step ends).
+    The worker counts a request just before it sends its ack or term, so once the server has the ack
+    the counters are final (a reply can reach the client before the count).
     """
     deadline = time.monotonic() + timeout_s
     while True:

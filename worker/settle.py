@@ -393,6 +393,12 @@ class Settler:
         status: str = "ok",
     ) -> None:
         action = settlement.action
+        if action is not AckAction.NAK and request is not None:
+            # Counted before the ack goes out (sending it may yield), so that once the server has the ack
+            # the counters are final.
+            answered, duration = self._outcome_series(version, status)
+            answered.inc()
+            duration.observe(max(0.0, time.time() - request.enqueued_at))
         try:
             if action is AckAction.ACK:
                 await msg.ack()
@@ -404,11 +410,6 @@ class Settler:
             what = request.request_id if request is not None else "a request"
             logger.warning("model %s: %s of %s failed: %s", self.model, action.value, what, exc)
         self._held.pop(id(msg), None)
-        if action is AckAction.NAK or request is None:
-            return
-        answered, duration = self._outcome_series(version, status)
-        answered.inc()
-        duration.observe(max(0.0, time.time() - request.enqueued_at))
 
     def _outcome_series(self, version: str, status: str) -> tuple[Counter, Histogram]:
         """The request counter and duration histogram of (version, status), looked up once each
