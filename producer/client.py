@@ -327,7 +327,7 @@ class Client:
                 if isinstance(result, BaseException):
                     logger.warning("could not publish request %s again: %s", sent.request_id, result)
 
-    async def _resend(self, token: str, sent: _Sent) -> int | None:
+    async def _resend(self, token: str, sent: _Sent, *, lost_reply: bool = False) -> int | None:
         """Publish the request waiting under `token` again as `<id>~r<n>`; its new stream sequence, or None
         where it no longer waits, is being published again already (after a reconnect and as acked without
         a reply at once: one is enough), or its id has no room for the suffix."""
@@ -351,13 +351,15 @@ class Client:
         finally:
             self._resending.discard(token)
         self.resent += 1
+        if self.metrics is not None:
+            self.metrics.resent(sent.model, lost_reply=lost_reply)
         if token in self._waiting:
             self._lost.watch(token, sent.model, sent.request_id, stream_seq)
         return stream_seq
 
     async def _ask_again(self, token: str) -> int | None:
         sent = self._sent.get(token)
-        return None if sent is None else await self._resend(token, sent)
+        return None if sent is None else await self._resend(token, sent, lost_reply=True)
 
     async def _ack_floor(self, model: str) -> int:
         """The stream sequence at and below which `model`'s consumer has acknowledged every request."""

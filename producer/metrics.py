@@ -7,7 +7,9 @@ Names follow `jetinfer_client_<noun>_{total|seconds}`, labels are drawn from the
 `status`; the status is `ok` or the wire error code of the reply). Every request that was published
 ends as exactly one reply or one timeout, so `requests_total == sum(replies_total) + timeouts_total`
 once nothing is in flight. Requests refused before they were published (`unknown_model`, over the
-server's `max_payload`) are raised to the caller and not counted as sent.
+server's `max_payload`) are raised to the caller and not counted as sent. Re-sends (`<id>~r<n>`) are
+counted apart: every one in `resent_total`, and those of requests a worker acknowledged without their
+reply reaching the client (a reply lost in a server that died) in `lost_replies_total` too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 
 
 class ClientMetrics:
-    """Every metric a client exports: requests sent, replies by status, latency, timeouts, duplicates."""
+    """Every metric a client exports: requests sent, replies by status, latency, timeouts, duplicates,
+    re-sends."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -54,6 +57,18 @@ class ClientMetrics:
             "Replies dropped because their request was already answered or given up (at-least-once delivery)",
             registry=registry,
         )
+        self.resent_requests = Counter(
+            "jetinfer_client_resent",
+            "Requests published again as <id>~r<n> (after a reconnect, or acknowledged without a reply)",
+            ["model"],
+            registry=registry,
+        )
+        self.lost_replies = Counter(
+            "jetinfer_client_lost_replies",
+            "Requests a worker acknowledged whose reply never came (lost in a server), published again",
+            ["model"],
+            registry=registry,
+        )
 
     def sent(self, model: str) -> None:
         """Count a request JetStream stored."""
@@ -71,3 +86,9 @@ class ClientMetrics:
     def duplicate(self) -> None:
         """Count a reply dropped as a duplicate."""
         self.duplicate_replies.inc()
+
+    def resent(self, model: str, *, lost_reply: bool) -> None:
+        """Count a request published again; `lost_reply`: because it was acknowledged without a reply."""
+        self.resent_requests.labels(model=model).inc()
+        if lost_reply:
+            self.lost_replies.labels(model=model).inc()

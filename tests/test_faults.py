@@ -16,10 +16,12 @@ import msgpack
 import nats
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from jetinfer.errors import BackendError, RequestTimeoutError
 from jetinfer.producer.client import Client
 from jetinfer.producer.lost_replies import AckedWithoutReply
+from jetinfer.producer.metrics import ClientMetrics
 from jetinfer.protocol import ErrorReply, decode_reply, request_headers
 from jetinfer.settings import StreamSettings
 from jetinfer.streams import (
@@ -379,7 +381,9 @@ async def test_client_asks_again_for_a_request_acknowledged_without_its_reply(
     """The ack landed, the reply did not (the client stayed connected): found through the ack floor."""
     repo, model = model_repo("identity")
     await register_on(own_nats.url, model, StreamSettings())
-    async with Client(own_nats.url, resend_after_s=0.2, lost_reply_check_s=0.1) as client:
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    async with Client(own_nats.url, resend_after_s=0.2, lost_reply_check_s=0.1, metrics=metrics) as client:
         call = asyncio.create_task(client.infer(model, faults.frames(9), timeout=60, request_id="lost"))
         assert await take_and_ack_without_reply(own_nats.url, model) == "lost"
         async with running_worker(own_nats.url, repo, [model]):
@@ -387,6 +391,9 @@ async def test_client_asks_again_for_a_request_acknowledged_without_its_reply(
     assert reply.id == "lost"
     assert np.array_equal(reply.output(), faults.frames(9))
     assert (client.lost_replies, client.resent) == (1, 1)
+    names = ("resent", "lost_replies", "requests")
+    counted = [registry.get_sample_value(f"jetinfer_client_{name}_total", {"model": model}) for name in names]
+    assert counted == [1, 1, 1]
 
 
 async def test_client_asks_again_only_once_for_a_request_acknowledged_without_its_reply(
