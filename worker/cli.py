@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jetinfer.errors import SettingsError
 from jetinfer.settings import add_arguments, load_settings
 
 from . import gc_tuning
 from .backends.base import BackendFactory, load_backend
+from .event_loop import event_loop_factory
 from .service import Worker
 from .settings import WorkerSettings
 
@@ -79,10 +79,8 @@ async def serve(
 
 def _start_line(worker: Worker) -> str:
     """What a started worker serves (with versions), what it waits for, and where its metrics are."""
-    serving = [
-        f"{m} v{worker.slots[m].describe().get('version')}" for m in worker.models if m in worker.servers
-    ]
-    waiting = [m for m in worker.models if m not in worker.servers]
+    serving = [f"{m} v{worker.slots[m].describe().get('version')}" for m in worker.models if worker.serves(m)]
+    waiting = [m for m in worker.models if not worker.serves(m)]
     said = f"serving {', '.join(serving)}" if serving else "serving nothing yet"
     if waiting:
         said += f"; waiting for a version of {', '.join(waiting)}"
@@ -117,20 +115,6 @@ def _freeze_startup_heap() -> None:
 
 def _serve_command(args: argparse.Namespace) -> int:
     return run_worker(load_settings(WorkerSettings, args))
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop for `uvloop` (and for `auto` where uvloop is installed), else None (asyncio's)."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise SettingsError("event_loop", "uvloop is not installed (pip install uvloop)") from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 def run_worker(settings: WorkerSettings, *, backend_factory: BackendFactory = load_backend) -> int:

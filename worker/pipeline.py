@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 
 from jetinfer.errors import BackendError
 from jetinfer.protocol import Limits
+from jetinfer.repository import ModelConfig
 from jetinfer.streams import INFER_STREAM, consumer_name
 
 from .autoconfig import Plan, plan, probe_rates
@@ -44,17 +45,58 @@ from .ready_queue import ReadyQueue
 from .reload import ModelSlot
 from .replies import ReplyRefusals
 from .reply_policy import ReplyPolicy
-from .run import RanBatch, Runner
+from .run import BatchRunner, RanBatch, Runner
 from .settings import WorkerSettings
 from .settle import Settler
 from .stage_clock import StageClock
 
-__all__ = ["Pipeline", "Queued"]
+__all__ = ["Pipeline", "Queued", "choose_engine"]
 
 logger = logging.getLogger(__name__)
 
 #: A batch waiting for the engine: as formed, or being made into the model's input ahead of its turn.
 Queued = Batch | asyncio.Future[Batch]
+
+
+async def choose_engine(
+    model: str,
+    slot: ModelSlot,
+    settings: WorkerSettings,
+    metrics: WorkerMetrics,
+    *,
+    cores: tuple[int, str],
+    max_batch: int,
+) -> tuple[Plan, Preprocessing, Runner]:
+    """The plan, the preprocessing and the runner of `model` on this process's backend, for its serving
+    version (probing the GPU's rates where the plan depends on them)."""
+    current = slot.current
+    assert current is not None, "a model is run once it has a version"
+    count, why = cores
+    on_gpu = current.backend.accepts_device_tensors
+    rates = None
+    if on_gpu and current.config.preprocess is not None and settings.gpu_decode_lanes is None:
+        # Whether the decoding processes can keep up with the engine: measured, not guessed (only the
+        # GPU lanes' number depends on it).
+        rates = await asyncio.to_thread(
+            probe_rates,
+            current.backend,
+            current.config,
+            max_batch,
+            hardware=settings.nvimgcodec,
+            device=settings.device,
+        )
+    the_plan = plan(settings, current.config, on_gpu=on_gpu, cores=count, cores_why=why, rates=rates)
+    if the_plan.gil_switch_ms:
+        sys.setswitchinterval(
+            the_plan.gil_switch_ms / 1000.0
+        )  # process-wide: the GPU's feeders get it sooner
+    preprocessing = await asyncio.to_thread(
+        choose_preprocessing, the_plan, settings, current.config, max_batch
+    )
+    # Decided once: a later version with fewer slots serialises on its own lock.
+    slots = 1 if preprocessing.on_gpu else current.backend.batch_slots
+    runner = Runner(model, slot, preprocessing, metrics, slots=slots, max_batch=max_batch)
+    return the_plan, preprocessing, runner
 
 
 class Pipeline:
@@ -67,7 +109,7 @@ class Pipeline:
         nc: NatsClient,
         js: JetStreamContext,
         settings: WorkerSettings,
-        slot: ModelSlot,
+        slot: ModelSlot | None,
         metrics: WorkerMetrics,
         decode_pool: ThreadPoolExecutor,
         refusals: ReplyRefusals,
@@ -93,7 +135,7 @@ class Pipeline:
         self._cores = cores
         self.plan: Plan | None = None
         self._preprocessing: Preprocessing | None = None
-        self._runner: Runner | None = None
+        self._runner: BatchRunner | None = None
         self._former: BatchFormer | None = None
         self._batches: ReadyQueue[Batch] = ReadyQueue(maxsize=1)
         self._ran: asyncio.Queue[RanBatch | None] = asyncio.Queue(maxsize=1)
@@ -105,7 +147,7 @@ class Pipeline:
     @property
     def max_batch(self) -> int:
         """Frames per batch: the setting, capped by the serving version's config."""
-        config_max = self._slot.current.config.max_batch if self._slot.current else 1
+        config_max = self.serving_config().max_batch if self._serving() else 1
         return min(self._settings.max_batch or config_max, config_max)
 
     @property
@@ -136,42 +178,31 @@ class Pipeline:
             return None
         return task.exception()
 
+    def _serving(self) -> bool:
+        """Whether the model has a serving version yet."""
+        return self._slot is not None and self._slot.current is not None
+
+    def serving_config(self) -> ModelConfig:
+        """The serving version's config (what requests are checked and batched against)."""
+        current = self._slot.current if self._slot is not None else None
+        assert current is not None, "a serving model keeps a version"
+        return current.config
+
+    async def _choose(self) -> tuple[Plan, Preprocessing, BatchRunner]:
+        """The plan, the preprocessing and the runner, for the serving version on this process's backend."""
+        assert self._slot is not None, "a pipeline that runs its own batches has a model slot"
+        return await choose_engine(
+            self.model, self._slot, self._settings, self._metrics, cores=self._cores, max_batch=self.max_batch
+        )
+
     async def start(self) -> asyncio.Task[None]:
-        """Choose the preprocessing, start pulling and the stages; returns the pipeline's task."""
-        current = self._slot.current
-        assert current is not None, "a pipeline starts once its model has a version"
-        cores, why = self._cores
-        on_gpu = current.backend.accepts_device_tensors
-        rates = None
-        settings = self._settings
-        if on_gpu and current.config.preprocess is not None and settings.gpu_decode_lanes is None:
-            # Whether the decoding processes can keep up with the engine: measured, not guessed (only the
-            # GPU lanes' number depends on it).
-            rates = await asyncio.to_thread(
-                probe_rates,
-                current.backend,
-                current.config,
-                self.max_batch,
-                hardware=settings.nvimgcodec,
-                device=settings.device,
-            )
-        the_plan = self.plan = plan(
-            self._settings, current.config, on_gpu=on_gpu, cores=cores, cores_why=why, rates=rates
-        )
-        if the_plan.gil_switch_ms:
-            sys.setswitchinterval(
-                the_plan.gil_switch_ms / 1000.0
-            )  # process-wide: the GPU's feeders get the GIL sooner
-        preprocessing = self._preprocessing = await asyncio.to_thread(
-            choose_preprocessing, the_plan, self._settings, current.config, self.max_batch
-        )
+        """Choose the plan, the preprocessing and the runner, start pulling and the stages; returns the
+        pipeline's task."""
+        the_plan, preprocessing, runner = await self._choose()
+        self.plan, self._preprocessing, self._runner = the_plan, preprocessing, runner
         self._batches = ReadyQueue(maxsize=the_plan.pipeline_depth)
         self._ran = asyncio.Queue(maxsize=the_plan.pipeline_depth)
-        # Decided once: a later version with fewer slots serialises on its own lock.
-        slots = 1 if preprocessing.on_gpu else current.backend.batch_slots
-        self._runner = Runner(
-            self.model, self._slot, preprocessing, self._metrics, slots=slots, max_batch=self.max_batch
-        )
+        slots = runner.slots
         self._former = BatchFormer(
             preprocessing,
             self._decode_pool,
@@ -239,11 +270,10 @@ class Pipeline:
                 continue
             self.settler.hold(deliveries)
             msgs = [delivery.msg for delivery in deliveries]
-            current = self._slot.current
-            assert current is not None, "a serving model keeps a version"
+            config = self.serving_config()
             try:
                 with timing("form", "forming"):
-                    batches, rejected = await self._former.form(msgs, current.config, self.max_batch)
+                    batches, rejected = await self._former.form(msgs, config, self.max_batch)
             except Exception as exc:  # a bug in preparation must not lose the messages
                 logger.exception("model %s: preparing %d requests failed", self.model, len(msgs))
                 await self.settler.preparation_failed(msgs, exc)
@@ -259,7 +289,7 @@ class Pipeline:
                 queued: Queued = batch
                 if engine_busy and self._preprocessing.wants_ahead(batch):
                     # Made into the model's input in a lane while the batches ahead of it run.
-                    queued = asyncio.ensure_future(self._preprocessing.ahead(batch, current.config))
+                    queued = asyncio.ensure_future(self._preprocessing.ahead(batch, config))
                 with timing("form", "waiting_for_room"):
                     await self._batches.put(queued)
         for _ in range(self.batch_slots):  # one end marker per run task

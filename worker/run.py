@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy.typing as npt
 
@@ -25,7 +25,7 @@ from .prepare import check_deadline
 from .preprocess import Preprocessing
 from .reload import LoadedModel, ModelSlot
 
-__all__ = ["Outputs", "RanBatch", "Runner"]
+__all__ = ["BatchRunner", "Outputs", "RanBatch", "Runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,21 @@ class RanBatch:
     started_at: float  # epoch seconds
     infer_s: float
     results: tuple[Outputs | RequestError, ...]
+
+
+class BatchRunner(Protocol):
+    """What the run stage runs its batches with: a `Runner` here, or a front process's link to its engine."""
+
+    slots: int  # batches that run at once
+    busy: int  # batches running now
+    batches_run: int
+    isolated_runs: int
+
+    async def run(self, batch: Batch) -> RanBatch:
+        """Run `batch` and return every request's outcome."""
+
+    def close(self) -> None:
+        """Release what running holds."""
 
 
 def _request_error(exc: BaseException) -> RequestError:

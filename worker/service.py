@@ -44,6 +44,7 @@ from .advisories import DeadLetters
 from .autoconfig import usable_cores
 from .backends import cuda
 from .backends.base import BackendFactory, BackendOptions, load_backend
+from .fronts import EngineModel, Fronts, MergedRegistry, front_count
 from .health import HealthServer
 from .limits import warn_about_server_limits
 from .metrics import GpuProbe, WorkerMetrics
@@ -92,6 +93,11 @@ class Worker:
             for m in self.models
         }
         self.servers: dict[str, Pipeline] = {}
+        #: With front processes (`--fronts`): each model's engine, and the fronts that feed them.
+        self.engines: dict[str, EngineModel] = {}
+        self.fronts: Fronts | None = None
+        self._front_count: int | None = settings.fronts if settings.fronts is not None else None
+        self._sent_versions: dict[str, int] = {}
         self.failed = asyncio.Event()  # a pipeline failed: the worker must stop
         self._refusals = ReplyRefusals()
         self._nc: NatsClient | None = None
@@ -120,18 +126,29 @@ class Worker:
         """The port of /metrics, /healthz and /readyz (None when disabled)."""
         return self._health.port if self._health else None
 
+    def serves(self, model: str) -> bool:
+        """Whether `model` is being served (in this process, or through the front processes)."""
+        return model in self.servers or model in self.engines
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when connected to NATS and every model has a loaded version."""
+        """Ready when connected to NATS, every model has a loaded version and every front is connected."""
         connected = self._nc is not None and self._nc.is_connected
         models = {m: slot.describe() for m, slot in self.slots.items()}
         ready = connected and all(slot.ready for slot in self.slots.values()) and not self._stopped
-        return ready, {"connected": connected, "models": models}
+        details: dict[str, Any] = {"connected": connected, "models": models}
+        if self.fronts is not None:
+            ready = ready and self.fronts.ready()
+            details["fronts"] = self.fronts.describe()
+        return ready, details
+
+    def _front_families(self) -> list[tuple[Any, ...]]:
+        return list(self.fronts.families()) if self.fronts is not None else []
 
     async def start(self) -> None:
         """Connect, create streams and consumers, load models and start serving."""
         if self.settings.metrics_port:
             self._health = HealthServer(
-                self.registry,
+                MergedRegistry(self.registry, self._front_families),
                 self.readiness,
                 host=self.settings.metrics_host,
                 port=self.settings.metrics_port,
@@ -166,7 +183,7 @@ class Worker:
         for model in self.models:
             await self.slots[model].refresh()
             await self._ensure_serving(model)
-            if model not in self.servers:
+            if not self.serves(model):
                 # Registered only once loadable: until then clients get unknown_model at once.
                 logger.warning(
                     "model %s: waiting for a loadable version in %s before registering %s (requests get "
@@ -183,12 +200,18 @@ class Worker:
     async def _ensure_serving(self, model: str) -> None:
         """Register `model` (its subject and consumer) and serve it, once a version of it is loaded."""
         async with self._start_lock:
+            if model in self.engines:
+                await self._tell_fronts(model)  # a reload may have changed the config
+                return
             if model in self.servers or not self.slots[model].ready or self._stopped:
                 return
             assert self._nc is not None
             assert self._js is not None
             await register_model(self._js, model, self.settings)
             await ensure_consumer(self._js, model, self.settings)
+            if self._fronts_wanted(model):
+                await self._serve_through_fronts(model)
+                return
             server = Pipeline(
                 model=model,
                 nc=self._nc,
@@ -203,6 +226,37 @@ class Worker:
             task = await server.start()
             task.add_done_callback(self._on_pipeline_done)
             self.servers[model] = server
+
+    def _fronts_wanted(self, model: str) -> bool:
+        """Whether this worker serves through front processes (decided at its first model, then kept)."""
+        if self._front_count is None:
+            current = self.slots[model].current
+            on_gpu = current is not None and current.backend.accepts_device_tensors
+            self._front_count, why = front_count(self.settings, on_gpu=on_gpu, cores=self.cores[0])
+            if self._front_count:
+                logger.info("%d front processes (%s)", self._front_count, why)
+        return self._front_count > 0
+
+    async def _serve_through_fronts(self, model: str) -> None:
+        assert self._front_count
+        count, why = self.cores
+        fronts = self._front_count
+        cores = (max(1, count - (fronts - 1)), f"{why}, {fronts - 1} left to the front processes")
+        engine = EngineModel(model, self.slots[model], self.settings, self.metrics, self._decode_pool, cores)
+        await engine.start()
+        self.engines[model] = engine
+        if self.fronts is None:
+            self.fronts = Fronts(self.settings, fronts, self.engines, self.failed.set)
+            await self.fronts.start()
+        await self._tell_fronts(model)
+
+    async def _tell_fronts(self, model: str) -> None:
+        """Send the fronts the serving version's config, once per version."""
+        current = self.slots[model].current
+        if self.fronts is None or current is None or self._sent_versions.get(model) == current.number:
+            return
+        await self.fronts.serve(self.engines[model].serve_message())
+        self._sent_versions[model] = current.number
 
     def _on_pipeline_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -295,6 +349,8 @@ class Worker:
         # Keep a little of the grace period for draining the connection (acks and replies still buffered).
         drain_reserve = min(3.0, self.settings.grace_period_s / 4)
         grace = self.settings.grace_period_s - drain_reserve
+        if self.fronts is not None:
+            await self.fronts.stop(grace)
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
         if self.dead_letters is not None:
             await self.dead_letters.stop()
@@ -311,6 +367,8 @@ class Worker:
                 await logged(logger, "closing the NATS connection", self._nc.close())
         if self._health is not None:
             await self._health.close()
+        for engine in self.engines.values():
+            await asyncio.to_thread(engine.close)
         for slot in self.slots.values():
             await asyncio.to_thread(slot.close)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

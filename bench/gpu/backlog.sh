@@ -18,7 +18,8 @@
 # trivial model's 8-JPEG stream alone, with the plan's choice and its former one; SET=gc both models with
 # the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0); SET=pulls the
 # trivial model's 1-JPEG backlog drained by 1, 2 and 4 workers and as many bare fetch/reply/ack loops
-# (`--bare`); SET=gc-drain the collector's time while the trivial model's two streams drain. Wheels: .whl/.
+# (`--bare`); SET=gc-drain the collector's time while the trivial model's two streams drain; SET=fronts
+# one process doing it all against front processes (--fronts K) on both models, and idle latency. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -140,6 +141,19 @@ PY
     run trivial backlog-pulls2-f1 120 --backlog 60000 --timeout-s 20 --bare --workers 2
     run trivial backlog-pulls4-f1 150 --backlog 60000 --timeout-s 20 --bare --workers 4 \
         --worker-arg=--decode-processes=1 --worker-arg=--gpu-decode-lanes=1
+    exit
+fi
+if [ "${SET:-all}" = fronts ]; then  # front processes pulling and answering, one engine process
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-fronts1-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=1
+    run trivial backlog-fronts2-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=2
+    run trivial backlog-fronts3-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=3
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-fronts2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--fronts=2
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
+    run resnet50 backlog-fronts2 60 --backlog 40000 --timeout-s 20 --worker-arg=--fronts=2
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run resnet50 idle-fronts2 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--fronts=2
     exit
 fi
 if [ "${SET:-all}" = gc-drain ]; then  # the collector's time while the trivial model's streams drain

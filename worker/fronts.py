@@ -1,0 +1,409 @@
+"""The engine side of `--fronts K`: the front processes, started, fed and stopped by `jetinfer serve`.
+
+    front 1 (NATS: intake → form → settle) ─┐
+    front 2 (NATS: intake → form → settle) ─┼─ link ─▶ engine (this process): decode, make, run ─▶ link
+    ...                                     ─┘
+
+Each front pulls, prepares and answers on a NATS connection of its own (`worker.front`); this process keeps
+the models (their slots, reloads, the decoding processes and GPU lanes) and runs every front's batches:
+`EngineModel` decodes what its strategy does not take encoded, makes a batch into the model's input ahead
+while another runs, runs it (splitting a failing batch, as in-process), and sends the outcomes back.
+
+A front that dies fails the worker (as a failed pipeline does): its messages come back after ack_wait,
+and the pod is restarted. The engine's death kills the fronts (`jetinfer.children`), and a front that
+loses the link gives back what it holds. /metrics is this process's registry with every front's last
+snapshot added in (`MergedRegistry`), /readyz waits for every front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+from jetinfer import children
+from jetinfer.errors import BackendError, RequestError
+
+from .autoconfig import Plan
+from .batcher import Batch, make_batches
+from .front_link import (
+    BatchDone,
+    FrontState,
+    Hello,
+    Link,
+    LinkClosedError,
+    MetricsSnapshot,
+    RemoteRequest,
+    RunBatch,
+    Serve,
+    Stop,
+    WireError,
+)
+from .metrics import WorkerMetrics
+from .pipeline import choose_engine
+from .prepare import PreparedRequest
+from .preprocess import Preprocessing
+from .reload import ModelSlot
+from .run import Outputs, Runner
+from .settings import WorkerSettings
+
+__all__ = ["EngineModel", "Fronts", "MergedRegistry"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a front may take to connect and say so before the worker gives up on it.
+FRONT_START_S = 60.0
+
+
+def _prepared(remote: RemoteRequest) -> PreparedRequest:
+    # The NATS message stays in the front; nothing on the engine's path reads it.
+    return PreparedRequest(
+        msg=cast(Msg, None),
+        request_id=remote.request_id,
+        reply_to=None,
+        deliveries=1,
+        enqueued_at=remote.enqueued_at,
+        deadline_s=remote.deadline_s,
+        inputs=dict(remote.inputs),
+        frames=remote.frames,
+        content_type=remote.content_type,
+        encoded=remote.encoded,
+        pixels=remote.pixels,
+    )
+
+
+class EngineModel:
+    """Runs the fronts' batches of one model on this process's backend."""
+
+    def __init__(
+        self,
+        model: str,
+        slot: ModelSlot,
+        settings: WorkerSettings,
+        metrics: WorkerMetrics,
+        decode_pool: ThreadPoolExecutor,
+        cores: tuple[int, str],
+    ) -> None:
+        self.model = model
+        self._slot = slot
+        self._settings = settings
+        self._metrics = metrics
+        self._decode_pool = decode_pool
+        self._cores = cores
+        self.plan: Plan | None = None
+        self._preprocessing: Preprocessing | None = None
+        self._runner: Runner | None = None
+        self._room: asyncio.Semaphore | None = None
+
+    @property
+    def max_batch(self) -> int:
+        """Frames per batch: the setting, capped by the serving version's config."""
+        current = self._slot.current
+        config_max = current.config.max_batch if current else 1
+        return min(self._settings.max_batch or config_max, config_max)
+
+    @property
+    def batches_run(self) -> int:
+        """Batches run so far."""
+        return self._runner.batches_run if self._runner is not None else 0
+
+    async def start(self) -> None:
+        """Choose the plan, the preprocessing and the runner (as an in-process pipeline would)."""
+        self.plan, self._preprocessing, self._runner = await choose_engine(
+            self.model, self._slot, self._settings, self._metrics, cores=self._cores, max_batch=self.max_batch
+        )
+        # Batches being made ahead and run at once: what the strategy reserved GPU memory for.
+        self._room = asyncio.Semaphore(self.plan.pipeline_depth + self._runner.slots)
+        logger.info(
+            "model %s: running the front processes' batches (max_batch=%d; %s; chosen from: %s)",
+            self.model,
+            self.max_batch,
+            self._preprocessing.describe(),
+            self.plan.describe(),
+        )
+
+    def serve_message(self) -> Serve:
+        """What a front needs to serve this model's serving version."""
+        current = self._slot.current
+        assert current is not None, "started once a version is loaded"
+        assert self.plan is not None, "start() chooses it"
+        return Serve(self.model, current.config, self.max_batch, self.plan)
+
+    async def run(self, request: RunBatch) -> BatchDone:
+        """Run a front's batch; every request's outcome, in order (never raises for a request's fault)."""
+        assert self._room is not None, "start() comes first"
+        async with self._room:
+            try:
+                return await self._run(request)
+            except Exception as exc:  # a bug here must not lose the front's messages: they are retried
+                logger.exception(
+                    "model %s: running a front's batch of %d failed", self.model, len(request.requests)
+                )
+                error = WireError.of(BackendError(f"running the batch failed: {type(exc).__name__}: {exc}"))
+                return BatchDone(
+                    request.batch_id, "", time.time(), 0.0, tuple(error for _ in request.requests)
+                )
+
+    async def _run(self, request: RunBatch) -> BatchDone:
+        assert self._preprocessing is not None, "start() chooses it"
+        assert self._runner is not None, "start() makes it"
+        preprocessing, runner = self._preprocessing, self._runner
+        current = self._slot.current
+        assert current is not None, "a serving model keeps a version"
+        config = current.config
+        requests = [_prepared(r) for r in request.requests]
+        to_decode = [
+            r for r in requests if r.encoded and not preprocessing.keeps_encoded(r.content_type, r.encoded[0])
+        ]
+        if to_decode:  # what this strategy decodes on the CPU threads (all of it, on a CPU backend)
+            await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, _decode_all, preprocessing, to_decode, config
+            )
+        outcomes: dict[int, Outputs | RequestError] = {
+            id(r): r.error for r in requests if r.error is not None
+        }
+        version, started, infer_s = "", time.time(), 0.0
+        for batch in make_batches(requests, self.max_batch):
+            made: Batch = batch
+            if runner.busy > 0 and preprocessing.wants_ahead(batch):
+                made = await preprocessing.ahead(batch, config)  # in a lane, while another batch runs
+            ran = await runner.run(made)
+            version, started, infer_s = (
+                ran.version or version,
+                min(started, ran.started_at),
+                infer_s + ran.infer_s,
+            )
+            for prepared, result in zip(batch.requests, ran.results, strict=True):
+                outcomes[id(prepared)] = result
+        results = tuple(
+            WireError.of(outcome) if isinstance(outcome, RequestError) else outcome
+            for outcome in (outcomes[id(r)] for r in requests)
+        )
+        return BatchDone(request.batch_id, version, started, infer_s, results)
+
+    def close(self) -> None:
+        """Stop the inference threads and release the preprocessing's processes and GPU memory."""
+        if self._runner is not None:
+            self._runner.close()
+        if self._preprocessing is not None:
+            self._preprocessing.close()
+
+
+def _decode_all(preprocessing: Preprocessing, requests: list[PreparedRequest], config: Any) -> None:
+    for request in requests:
+        preprocessing.decode_request(request, config)
+
+
+class _FrontProcess:
+    """One front: its process, its link and what it last said."""
+
+    def __init__(self, number: int, process: subprocess.Popen[bytes], link: Link) -> None:
+        self.number = number
+        self.process = process
+        self.link = link
+        self.state = FrontState(False, ())
+        self.said = asyncio.Event()  # set at the first FrontState
+        self.families: tuple[Any, ...] = ()
+        self.reader: asyncio.Task[None] | None = None
+        self.running: set[asyncio.Task[None]] = set()
+
+
+class Fronts:
+    """The worker's front processes."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        count: int,
+        engines: dict[str, EngineModel],
+        on_failure: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self.count = count
+        self._engines = engines
+        self._on_failure = on_failure
+        self._fronts: list[_FrontProcess] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start every front and wait until each is connected to NATS (bounded: FRONT_START_S)."""
+        for number in range(1, self.count + 1):
+            ours, theirs = socket.socketpair()
+            try:
+                process = children.spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "jetinfer.worker.front",
+                        str(theirs.fileno()),
+                        self._settings.event_loop,
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                )
+            finally:
+                theirs.close()
+            front = _FrontProcess(number, process, await Link.open(ours))
+            self._fronts.append(front)
+            await front.link.send(Hello(self._settings, number, logging.getLogger().getEffectiveLevel()))
+            front.reader = asyncio.create_task(self._read(front), name=f"front-{number}")
+        for front in self._fronts:
+            try:
+                await asyncio.wait_for(front.said.wait(), FRONT_START_S)
+            except TimeoutError:
+                raise BackendError(
+                    f"front process {front.number} did not connect to NATS within {FRONT_START_S:.0f} s"
+                ) from None
+        logger.info(
+            "%d front processes pull, prepare and answer requests; this process runs them", self.count
+        )
+
+    async def serve(self, message: Serve) -> None:
+        """Tell every front to serve a model (or of its new config)."""
+        for front in self._fronts:
+            await _send_quietly(front.link, message)  # its reader reports the front gone
+
+    def ready(self) -> bool:
+        """Whether every front is connected and serves every model this process runs."""
+        models = set(self._engines)
+        return all(f.state.connected and models <= set(f.state.serving) for f in self._fronts)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each front's state, for /readyz."""
+        return [
+            {
+                "front": f.number,
+                "pid": f.process.pid,
+                "connected": f.state.connected,
+                "serving": list(f.state.serving),
+            }
+            for f in self._fronts
+        ]
+
+    def families(self) -> Iterator[tuple[Any, ...]]:
+        """Every front's last metrics snapshot, family by family."""
+        for front in self._fronts:
+            yield from front.families
+
+    async def _read(self, front: _FrontProcess) -> None:
+        try:
+            while True:
+                message = await front.link.receive()
+                if isinstance(message, RunBatch):
+                    task = asyncio.create_task(self._run(front, message), name=f"front-{front.number}-batch")
+                    front.running.add(task)
+                    task.add_done_callback(front.running.discard)
+                elif isinstance(message, FrontState):
+                    front.state = message
+                    front.said.set()
+                elif isinstance(message, MetricsSnapshot):
+                    front.families = message.families
+        except LinkClosedError:
+            front.state = FrontState(False, front.state.serving)
+            if not self._stopping:
+                status = await asyncio.to_thread(_wait, front.process, 5.0)
+                logger.error(
+                    "front process %d (pid %d) is gone (exit status %s); the worker stops (its messages are "
+                    "served again after ack_wait)",
+                    front.number,
+                    front.process.pid,
+                    status,
+                )
+                self._on_failure()
+
+    async def _run(self, front: _FrontProcess, message: RunBatch) -> None:
+        engine = self._engines.get(message.model)
+        if engine is None:
+            error = WireError.of(BackendError(f"model {message.model} is not run by this worker"))
+            done = BatchDone(message.batch_id, "", time.time(), 0.0, tuple(error for _ in message.requests))
+        else:
+            done = await engine.run(message)
+        await _send_quietly(front.link, done)  # the front is gone: its messages come back after ack_wait
+
+    async def stop(self, grace_s: float) -> None:
+        """Have every front finish its batches in flight and exit, within `grace_s`; kill what does not."""
+        self._stopping = True
+        for front in self._fronts:
+            await _send_quietly(front.link, Stop(grace_s))  # gone already
+        await asyncio.gather(*(asyncio.to_thread(_wait, f.process, grace_s + 5.0) for f in self._fronts))
+        for front in self._fronts:
+            if front.process.poll() is None:
+                logger.warning(
+                    "front process %d did not stop within the grace period; killing it", front.number
+                )
+                front.process.kill()
+                await asyncio.to_thread(front.process.wait)
+            children.forget(front.process)
+            if front.reader is not None:
+                front.reader.cancel()
+            await front.link.close()
+        await asyncio.gather(
+            *(f.reader for f in self._fronts if f.reader is not None), return_exceptions=True
+        )
+
+
+async def _send_quietly(link: Link, message: object) -> None:
+    """Send, where a front gone already is no error (its reader reports it gone)."""
+    with contextlib.suppress(LinkClosedError):
+        await link.send(message)
+
+
+def _wait(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+class MergedRegistry(CollectorRegistry):
+    """This process's metrics with every front's last snapshot added in: counters, histograms and gauges
+    summed sample by sample (each request is counted by the one front that settled it)."""
+
+    def __init__(self, own: CollectorRegistry, fronts: Callable[[], Iterable[tuple[Any, ...]]]) -> None:
+        super().__init__(auto_describe=False)
+        self._own = own
+        self._fronts = fronts
+
+    def collect(self) -> Iterator[Metric]:
+        """The merged families."""
+        merged: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for family in self._own.collect():
+            merged[family.name] = family
+            values[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        for name, kind, documentation, samples in self._fronts():
+            if name not in merged:
+                merged[name] = Metric(name, documentation, kind)
+                values[name] = {}
+            into = values[name]
+            for sample_name, labels, value in samples:
+                if sample_name.endswith("_created"):
+                    continue  # a time, not a count
+                key = (sample_name, tuple(sorted(labels.items())))
+                into[key] = into.get(key, 0.0) + value
+        for name, family in merged.items():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+            yield out
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def front_count(settings: WorkerSettings, *, on_gpu: bool, cores: int) -> tuple[int, str]:
+    """How many front processes this worker starts, and why."""
+    del on_gpu, cores  # the choice made from them comes with the measurements (docs/benchmarks.md)
+    if settings.fronts is not None:
+        return settings.fronts, "--fronts"
+    return 0, "default: this process pulls and answers (--fronts K to add front processes)"
