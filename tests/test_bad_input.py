@@ -62,13 +62,14 @@ async def _ask(nc: Any, model: str, request_id: str, body: bytes, headers: dict[
     return decode_reply(msg.data), msg.headers
 
 
+@pytest.mark.parametrize("fronts", [0, 2], ids=["in-process", "two-fronts"])
 async def test_each_bad_input_gets_its_error_code_and_the_worker_keeps_serving(
-    nats_server: NatsUnderTest, nc: Any, model_repo: Any
+    nats_server: NatsUnderTest, nc: Any, model_repo: Any, fronts: int
 ) -> None:
     repo, model = model_repo("identity")
-    async with running_worker(nats_server.url, repo, [model], max_batch=64) as worker:
+    async with running_worker(nats_server.url, repo, [model], max_batch=64, fronts=fronts) as worker:
         for index, (name, (body, code, extra)) in enumerate(CASES.items()):
-            request_id = f"bad-{index}"
+            request_id = f"bad-{index}-{model}"  # ids are the stream's dedup keys: unique per test
             tensor_overrides = {k: v for k, v in extra.items() if k not in ("content_type", "deadline")}
             raw = body if body is not None else tensor_body(request_id, **tensor_overrides)
             reply, headers = await _ask(nc, model, request_id, raw, extra)
@@ -78,7 +79,7 @@ async def test_each_bad_input_gets_its_error_code_and_the_worker_keeps_serving(
             assert reply.message, f"{name}: the error says nothing"
             assert headers["Jetinfer-Status"] == "error"
         # A good request right after is answered.
-        reply, _ = await _ask(nc, model, "good-after", tensor_body("good-after"), {})
+        reply, _ = await _ask(nc, model, f"good-{model}", tensor_body(f"good-{model}"), {})
         assert isinstance(reply, InferResponse)
         np.testing.assert_array_equal(reply.output(), GOOD)
         assert worker.readiness()[0]

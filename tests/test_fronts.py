@@ -4,16 +4,22 @@ process runs their batches (issue 14: past one event loop's messages a second)."
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from jetinfer.embedded import free_port
+from jetinfer.embedded import EmbeddedNatsServer, free_port
 from jetinfer.errors import RequestError
 from jetinfer.labels import top_k
 from jetinfer.producer.client import Client
+from jetinfer.repository import ModelRepository, write_version
+from jetinfer.settings import StreamSettings
 from jetinfer.worker.front_link import (
     BatchDone,
     Hello,
@@ -25,8 +31,12 @@ from jetinfer.worker.front_link import (
     encode,
 )
 from jetinfer.worker.settings import WorkerSettings
+from tests import faults
 from tests.conftest import CAT_CLASSES, NatsUnderTest, running_worker, wait_until_answered
+from tests.test_delivery import Load, check, register
 from tests.test_metrics import scrape
+from tests.test_reload import served_version
+from tests.test_reload import signal as reload_signal
 
 
 async def _metric(port: int, name: str, **labels: str) -> float:
@@ -105,3 +115,131 @@ async def test_fronts_answer_images_and_tensors_and_count_them_on_one_metrics(
     assert all(r.output("logits").shape == (1, 1000) for r in replies)
     assert counted == tensors + 1, "each request counted once, by the front that settled it"
     assert batches >= 1, "the engine counts the batches it ran"
+
+
+async def test_a_new_version_reaches_the_engine_and_its_fronts(
+    nats_server: NatsUnderTest, nc: Any, model_repo: Any
+) -> None:
+    repo, model = model_repo("identity")
+    config = ModelRepository(repo).config(model)
+    async with (
+        running_worker(nats_server.url, repo, [model], fronts=2) as worker,
+        Client(nats_server.url) as client,
+    ):
+        assert await served_version(client, model) == "1"
+        write_version(repo, config, repo / model / "1" / "model.onnx", version=2)
+        answer = await reload_signal(nc, model, 2)
+        assert (answer["status"], answer["version"]) == ("loaded", 2), answer
+        versions = {await served_version(client, model) for _ in range(20)}
+        assert worker._sent_versions[model] == 2, "the fronts were sent the new version's config"
+    assert versions == {"2"}
+
+
+# -- faults ------------------------------------------------------------------------------------------
+
+
+async def _front_pids(worker: faults.WorkerProcess) -> list[int]:
+    """The pids of a worker's fronts, once it has said them (it has then started them all)."""
+    pattern = re.compile(r"front processes \(pids ([\d, ]+)\)")
+    await _until(lambda: pattern.search(worker.log()) is not None, 60, "the worker to start its fronts")
+    found = pattern.search(worker.log())
+    assert found is not None
+    return [int(pid) for pid in found.group(1).split(", ")]
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie that nobody reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+async def test_kill_9_of_a_front_stops_its_worker_and_every_request_is_answered(
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("identity")
+    stream = {"ack_wait_s": 2}
+    await register(own_nats.url, model, StreamSettings(**stream))
+    settings = {**stream, "max_batch": 32, "fetch_batches": 8}
+    victim = faults.WorkerProcess(
+        own_nats.url, repo, model, tmp_path / "victim.log", {**settings, "fronts": 2}
+    )
+    heir = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "heir.log", settings)
+    with faults.worker_processes(victim, heir):
+        victim.start()
+        await victim.ready()
+        async with Client(own_nats.url) as client:
+            load = Load(client, model, 2000)
+            await load.send(per_wave=500, pause_s=0)
+            await load.wait_answered(50)
+            first, second = await _front_pids(victim)
+            os.kill(first, signal.SIGKILL)
+            killed_at = time.monotonic()
+            code = await victim.wait(timeout_s=30)
+            heir.start()
+            results = await load.results()
+    tally = faults.tally(load.markers, results, client.duplicates_dropped)
+    tally.recover_s = load.recovery_s(killed_at)
+    check(tally, "kill -9 of one of two fronts")
+    assert code == 1, "a worker that lost a front stops (its pod is restarted)"
+    assert "front process 1" in victim.log()
+    assert "is gone" in victim.log()
+    assert _gone(second), "the other front stopped with its worker"
+
+
+@pytest.mark.slow
+async def test_kill_9_of_the_engine_takes_its_fronts_with_it(
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("identity")
+    worker = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "engine.log", {"fronts": 2})
+    with faults.worker_processes(worker):
+        worker.start()
+        await worker.ready()
+        pids = await _front_pids(worker)
+        assert not any(_gone(pid) for pid in pids)
+        worker.kill()
+        await _until(lambda: all(_gone(pid) for pid in pids), 15, "the fronts to die with their engine")
+
+
+@pytest.mark.slow
+async def test_sigterm_with_fronts_answers_what_is_in_flight_and_exits_0_within_the_grace_period(
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("identity")
+    grace_s = 8.0
+    stream = {"ack_wait_s": 300}  # a request left unacked would miss the clients' timeout: no silent loss
+    await register(own_nats.url, model, StreamSettings(**stream))
+    settings = {**stream, "max_batch": 8, "max_wait_ms": 0, "grace_period_s": grace_s}
+    slow = {"sleep_s": 0.2}  # batches in flight at the signal
+    first = faults.WorkerProcess(
+        own_nats.url, repo, model, tmp_path / "first.log", {**settings, "fronts": 2}, faults=slow
+    )
+    second = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "second.log", settings)
+    with faults.worker_processes(first, second):
+        first.start()
+        await first.ready()
+        pids = await _front_pids(first)
+        async with Client(own_nats.url) as client:
+            load = Load(client, model, 600, timeout_s=90)
+            await load.send(per_wave=200, pause_s=0)
+            await load.wait_answered(40)
+            signalled_at = time.monotonic()
+            first.terminate()
+            code = await first.wait(timeout_s=grace_s + 5)
+            exit_s = time.monotonic() - signalled_at
+            answered_by_first = len(load.answered_at)
+            second.start()
+            results = await load.results()
+    tally = faults.tally(load.markers, results, client.duplicates_dropped)
+    tally.recover_s = load.recovery_s(signalled_at + exit_s)
+    check(tally, f"SIGTERM mid-load with two fronts (exit {code} after {exit_s:.1f} s, grace {grace_s:g} s)")
+    assert code == 0, first.log()[-3000:]
+    assert exit_s < grace_s, f"exit took {exit_s:.1f} s"
+    assert answered_by_first < len(load.markers)
+    assert all(_gone(pid) for pid in pids)
+    assert "Traceback" not in first.log()
+    assert "ERROR" not in first.log(), first.log()[-3000:]

@@ -249,9 +249,7 @@ class Front:
             if self._stop is not None and self._stop.done():
                 return  # this front closed the link itself, stopping
             self._engine_gone = True
-            logger.error(
-                "front %d: the engine process is gone; giving back what it holds", self.number
-            )
+            logger.error("front %d: the engine process is gone; giving back what it holds", self.number)
             for done in self._pending.values():
                 if not done.done():
                     done.set_exception(LinkClosedError("the engine process is gone"))

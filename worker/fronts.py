@@ -119,6 +119,11 @@ class EngineModel:
         """Batches run so far."""
         return self._runner.batches_run if self._runner is not None else 0
 
+    @property
+    def isolated_runs(self) -> int:
+        """Re-runs of parts of failed batches (to find the failing requests)."""
+        return self._runner.isolated_runs if self._runner is not None else 0
+
     async def start(self) -> None:
         """Choose the plan, the preprocessing and the runner (as an in-process pipeline would)."""
         self.plan, self._preprocessing, self._runner = await choose_engine(
@@ -266,7 +271,9 @@ class Fronts:
                     f"front process {front.number} did not connect to NATS within {FRONT_START_S:.0f} s"
                 ) from None
         logger.info(
-            "%d front processes pull, prepare and answer requests; this process runs them", self.count
+            "%d front processes (pids %s) pull, prepare and answer; this process runs their batches",
+            self.count,
+            ", ".join(str(f.process.pid) for f in self._fronts),
         )
 
     async def serve(self, message: Serve) -> None:
