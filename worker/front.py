@@ -64,8 +64,6 @@ logger = logging.getLogger(__name__)
 
 #: How often a front sends its metrics to the engine's /metrics.
 METRICS_EVERY_S = 1.0
-#: Batches a front has at the engine at once, per model: one running, one queued behind it.
-BATCHES_AT_THE_ENGINE = 2
 
 
 class KeepEncoded(Preprocessing):
@@ -99,10 +97,16 @@ class RemoteRunner(BatchRunner):
     """Runs a front's batches of one model on the engine, over the link."""
 
     def __init__(
-        self, model: str, link: Link, pending: dict[int, asyncio.Future[BatchDone]], ids: Iterator[int]
+        self,
+        model: str,
+        link: Link,
+        pending: dict[int, asyncio.Future[BatchDone]],
+        ids: Iterator[int],
+        *,
+        slots: int,
     ) -> None:
         self.model = model
-        self.slots = BATCHES_AT_THE_ENGINE
+        self.slots = slots
         self.busy = 0
         self.batches_run = 0
         self.isolated_runs = 0  # counted by the engine, which splits failing batches
@@ -263,7 +267,15 @@ class Front:
         assert self._nc is not None
         pipeline = FrontPipeline(
             serve,
-            RemoteRunner(serve.model, self._link, self._pending, self._batch_ids),
+            # As many batches at the engine as an in-process pipeline has there: those made ahead, and
+            # the one running (the engine takes at most that many of all its fronts' at once).
+            RemoteRunner(
+                serve.model,
+                self._link,
+                self._pending,
+                self._batch_ids,
+                slots=serve.plan.pipeline_depth + 1,
+            ),
             nc=self._nc,
             js=self._nc.jetstream(),
             settings=self.settings,

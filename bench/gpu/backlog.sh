@@ -145,12 +145,10 @@ PY
 fi
 if [ "${SET:-all}" = fronts ]; then  # front processes pulling and answering, one engine process
     run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
-    run trivial backlog-fronts1-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=1
     run trivial backlog-fronts2-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=2
     run trivial backlog-fronts3-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=3
-    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-fronts4-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=4
     run trivial backlog-fronts2-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--fronts=2
-    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
     run resnet50 backlog-fronts2 60 --backlog 40000 --timeout-s 20 --worker-arg=--fronts=2
     run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
     run resnet50 idle-fronts2 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--fronts=2
