@@ -20,6 +20,7 @@ from jetinfer.labels import top_k
 from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository, write_version
 from jetinfer.settings import StreamSettings
+from jetinfer.worker.autoconfig import Rates
 from jetinfer.worker.front_link import (
     BatchDone,
     Hello,
@@ -30,6 +31,7 @@ from jetinfer.worker.front_link import (
     decode,
     encode,
 )
+from jetinfer.worker.fronts import front_count
 from jetinfer.worker.settings import WorkerSettings
 from tests import faults
 from tests.conftest import CAT_CLASSES, NatsUnderTest, running_worker, wait_until_answered
@@ -243,3 +245,21 @@ async def test_sigterm_with_fronts_answers_what_is_in_flight_and_exits_0_within_
     assert all(_gone(pid) for pid in pids)
     assert "Traceback" not in first.log()
     assert "ERROR" not in first.log(), first.log()[-3000:]
+
+
+def test_a_worker_chooses_fronts_only_for_an_engine_faster_than_one_event_loop() -> None:
+    chosen = WorkerSettings(model=["m"])
+    light = Rates(engine=30_000, decode_per_process=2_800)
+    resnet = Rates(engine=10_400, decode_per_process=2_800)
+    assert front_count(chosen, on_gpu=True, cores=10, rates=light)[0] == 2
+    assert front_count(chosen, on_gpu=True, cores=10, rates=resnet)[0] == 0
+    count, why = front_count(chosen, on_gpu=True, cores=4, rates=light)
+    assert count == 0
+    assert "4 cores" in why
+    assert front_count(chosen, on_gpu=False, cores=16, rates=None)[0] == 0
+    given = WorkerSettings(model=["m"], fronts=3)
+    assert front_count(given, on_gpu=False, cores=2, rates=None) == (3, "--fronts")
+    assert front_count(WorkerSettings(model=["m"], fronts=0), on_gpu=True, cores=16, rates=light) == (
+        0,
+        "--fronts",
+    )

@@ -36,7 +36,7 @@ from prometheus_client.samples import Sample
 from jetinfer import children
 from jetinfer.errors import BackendError, RequestError
 
-from .autoconfig import Plan
+from .autoconfig import Plan, Rates
 from .batcher import Batch, make_batches
 from .front_link import (
     BatchDone,
@@ -95,8 +95,10 @@ class EngineModel:
         metrics: WorkerMetrics,
         decode_pool: ThreadPoolExecutor,
         cores: tuple[int, str],
+        rates: Rates | None = None,
     ) -> None:
         self.model = model
+        self._rates = rates
         self._slot = slot
         self._settings = settings
         self._metrics = metrics
@@ -127,7 +129,13 @@ class EngineModel:
     async def start(self) -> None:
         """Choose the plan, the preprocessing and the runner (as an in-process pipeline would)."""
         self.plan, self._preprocessing, self._runner = await choose_engine(
-            self.model, self._slot, self._settings, self._metrics, cores=self._cores, max_batch=self.max_batch
+            self.model,
+            self._slot,
+            self._settings,
+            self._metrics,
+            cores=self._cores,
+            max_batch=self.max_batch,
+            rates=self._rates,
         )
         # Batches being made ahead and run at once: what the strategy reserved GPU memory for.
         self._room = asyncio.Semaphore(self.plan.pipeline_depth + self._runner.slots)
@@ -408,9 +416,32 @@ class MergedRegistry(CollectorRegistry):
         return True
 
 
-def front_count(settings: WorkerSettings, *, on_gpu: bool, cores: int) -> tuple[int, str]:
-    """How many front processes this worker starts, and why."""
-    del on_gpu, cores  # the choice made from them comes with the measurements (docs/benchmarks.md)
+#: Messages a second one process's event loop moves on the H200 machine (pull, prepare, answer; a bare
+#: nats-py loop 12.2k, the worker 9.3k-10.6k with one JPEG a message: docs/benchmarks.md).
+ONE_LOOP_MESSAGES_S = 12_000
+#: The front processes a worker chooses where one loop is short of the engine: two passed one loop's
+#: ceiling on the light engine (14.7k against 10.6k img/s), three moved no more and four less (each
+#: takes a core from decoding).
+CHOSEN_FRONTS = 2
+#: The fewest cores with which a worker chooses front processes (they take cores from decoding).
+FRONTS_MIN_CORES = 8
+
+
+def front_count(
+    settings: WorkerSettings, *, on_gpu: bool, cores: int, rates: Rates | None
+) -> tuple[int, str]:
+    """How many front processes this worker starts, and why: the setting where given, else two where the
+    engine (measured at start, `rates`) takes more images a second than one event loop moves messages."""
     if settings.fronts is not None:
         return settings.fronts, "--fronts"
-    return 0, "default: this process pulls and answers (--fronts K to add front processes)"
+    if not on_gpu or rates is None:
+        return 0, "one process: the engine is no faster than its event loop off a GPU"
+    if cores < FRONTS_MIN_CORES:
+        return 0, f"one process: {cores} cores are too few to share with front processes"
+    if rates.engine <= ONE_LOOP_MESSAGES_S:
+        return 0, f"one process: its event loop keeps up with the engine ({rates.engine:,.0f} img/s)"
+    return (
+        CHOSEN_FRONTS,
+        f"the engine takes {rates.engine:,.0f} img/s, more than the ~{ONE_LOOP_MESSAGES_S:,} messages a "
+        "second one event loop moves",
+    )

@@ -35,7 +35,7 @@ from jetinfer.protocol import Limits
 from jetinfer.repository import ModelConfig
 from jetinfer.streams import INFER_STREAM, consumer_name
 
-from .autoconfig import Plan, plan, probe_rates
+from .autoconfig import Plan, Rates, plan, probe_rates
 from .batcher import Batch
 from .forming import BatchFormer
 from .intake import Intake, PullConsumer, pull_max_bytes
@@ -50,12 +50,29 @@ from .settings import WorkerSettings
 from .settle import Settler
 from .stage_clock import StageClock
 
-__all__ = ["Pipeline", "Queued", "choose_engine"]
+__all__ = ["Pipeline", "Queued", "choose_engine", "probe_engine"]
 
 logger = logging.getLogger(__name__)
 
 #: A batch waiting for the engine: as formed, or being made into the model's input ahead of its turn.
 Queued = Batch | asyncio.Future[Batch]
+
+
+async def probe_engine(slot: ModelSlot, settings: WorkerSettings, max_batch: int) -> Rates | None:
+    """The engine's and the decoders' images/s for an image model on a GPU, measured (None otherwise):
+    whether the decoding processes keep up with the engine, and one event loop with both."""
+    current = slot.current
+    assert current is not None, "a model is probed once it has a version"
+    if not current.backend.accepts_device_tensors or current.config.preprocess is None:
+        return None
+    return await asyncio.to_thread(
+        probe_rates,
+        current.backend,
+        current.config,
+        max_batch,
+        hardware=settings.nvimgcodec,
+        device=settings.device,
+    )
 
 
 async def choose_engine(
@@ -66,25 +83,16 @@ async def choose_engine(
     *,
     cores: tuple[int, str],
     max_batch: int,
+    rates: Rates | None = None,
 ) -> tuple[Plan, Preprocessing, Runner]:
     """The plan, the preprocessing and the runner of `model` on this process's backend, for its serving
-    version (probing the GPU's rates where the plan depends on them)."""
+    version (probing the GPU's rates where the plan depends on them and `rates` are not given)."""
     current = slot.current
     assert current is not None, "a model is run once it has a version"
     count, why = cores
     on_gpu = current.backend.accepts_device_tensors
-    rates = None
-    if on_gpu and current.config.preprocess is not None and settings.gpu_decode_lanes is None:
-        # Whether the decoding processes can keep up with the engine: measured, not guessed (only the
-        # GPU lanes' number depends on it).
-        rates = await asyncio.to_thread(
-            probe_rates,
-            current.backend,
-            current.config,
-            max_batch,
-            hardware=settings.nvimgcodec,
-            device=settings.device,
-        )
+    if rates is None and settings.gpu_decode_lanes is None:
+        rates = await probe_engine(slot, settings, max_batch)
     the_plan = plan(settings, current.config, on_gpu=on_gpu, cores=count, cores_why=why, rates=rates)
     if the_plan.gil_switch_ms:
         sys.setswitchinterval(
@@ -115,7 +123,9 @@ class Pipeline:
         refusals: ReplyRefusals,
         cores: tuple[int, str] = (1, "default"),
         intake: Intake | None = None,
+        rates: Rates | None = None,
     ) -> None:
+        self._rates = rates
         self.model = model
         self._nc = nc
         self._settings = settings
@@ -192,7 +202,13 @@ class Pipeline:
         """The plan, the preprocessing and the runner, for the serving version on this process's backend."""
         assert self._slot is not None, "a pipeline that runs its own batches has a model slot"
         return await choose_engine(
-            self.model, self._slot, self._settings, self._metrics, cores=self._cores, max_batch=self.max_batch
+            self.model,
+            self._slot,
+            self._settings,
+            self._metrics,
+            cores=self._cores,
+            max_batch=self.max_batch,
+            rates=self._rates,
         )
 
     async def start(self) -> asyncio.Task[None]:

@@ -41,14 +41,14 @@ from jetinfer.streams import (
 )
 
 from .advisories import DeadLetters
-from .autoconfig import usable_cores
+from .autoconfig import Rates, usable_cores
 from .backends import cuda
 from .backends.base import BackendFactory, BackendOptions, load_backend
 from .fronts import EngineModel, Fronts, MergedRegistry, front_count
 from .health import HealthServer
 from .limits import warn_about_server_limits
 from .metrics import GpuProbe, WorkerMetrics
-from .pipeline import Pipeline
+from .pipeline import Pipeline, probe_engine
 from .reload import ModelSlot
 from .replies import ReplyRefusals
 from .reply_policy import ReplyPolicy
@@ -209,8 +209,9 @@ class Worker:
             assert self._js is not None
             await register_model(self._js, model, self.settings)
             await ensure_consumer(self._js, model, self.settings)
-            if self._fronts_wanted(model):
-                await self._serve_through_fronts(model)
+            wanted, rates = await self._fronts_wanted(model)
+            if wanted:
+                await self._serve_through_fronts(model, rates)
                 return
             server = Pipeline(
                 model=model,
@@ -222,27 +223,41 @@ class Worker:
                 decode_pool=self._decode_pool,
                 refusals=self._refusals,
                 cores=self.cores,
+                rates=rates,
             )
             task = await server.start()
             task.add_done_callback(self._on_pipeline_done)
             self.servers[model] = server
 
-    def _fronts_wanted(self, model: str) -> bool:
-        """Whether this worker serves through front processes (decided at its first model, then kept)."""
+    async def _fronts_wanted(self, model: str) -> tuple[bool, Rates | None]:
+        """Whether this worker serves through front processes (decided at its first model, then kept),
+        and the engine's rates where measured for the choice (the plan uses them too)."""
+        rates = None
         if self._front_count is None:
-            current = self.slots[model].current
+            slot = self.slots[model]
+            if self.settings.fronts is None:
+                rates = await probe_engine(slot, self.settings, self._max_batch(model))
+            current = slot.current
             on_gpu = current is not None and current.backend.accepts_device_tensors
-            self._front_count, why = front_count(self.settings, on_gpu=on_gpu, cores=self.cores[0])
-            if self._front_count:
-                logger.info("%d front processes (%s)", self._front_count, why)
-        return self._front_count > 0
+            self._front_count, why = front_count(
+                self.settings, on_gpu=on_gpu, cores=self.cores[0], rates=rates
+            )
+            logger.info("front processes: %d (%s)", self._front_count, why)
+        return self._front_count > 0, rates
 
-    async def _serve_through_fronts(self, model: str) -> None:
+    def _max_batch(self, model: str) -> int:
+        current = self.slots[model].current
+        config_max = current.config.max_batch if current else 1
+        return min(self.settings.max_batch or config_max, config_max)
+
+    async def _serve_through_fronts(self, model: str, rates: Rates | None) -> None:
         assert self._front_count
         count, why = self.cores
         fronts = self._front_count
         cores = (max(1, count - (fronts - 1)), f"{why}, {fronts - 1} left to the front processes")
-        engine = EngineModel(model, self.slots[model], self.settings, self.metrics, self._decode_pool, cores)
+        engine = EngineModel(
+            model, self.slots[model], self.settings, self.metrics, self._decode_pool, cores, rates
+        )
         await engine.start()
         self.engines[model] = engine
         if self.fronts is None:

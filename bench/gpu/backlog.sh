@@ -19,7 +19,8 @@
 # the garbage collector as the worker tunes it and as Python has it (--gc-threshold 0); SET=pulls the
 # trivial model's 1-JPEG backlog drained by 1, 2 and 4 workers and as many bare fetch/reply/ack loops
 # (`--bare`); SET=gc-drain the collector's time while the trivial model's two streams drain; SET=fronts
-# one process doing it all against front processes (--fronts K) on both models, and idle latency. Wheels: .whl/.
+# one process doing it all against front processes (--fronts K) on both models, and idle latency; SET=fronts-auto
+# the defaults (front processes chosen from the engine's measured rate) against --fronts. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -152,6 +153,17 @@ if [ "${SET:-all}" = fronts ]; then  # front processes pulling and answering, on
     run resnet50 backlog-fronts2 60 --backlog 40000 --timeout-s 20 --worker-arg=--fronts=2
     run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
     run resnet50 idle-fronts2 40 --concurrency 1 --duration-s 5 --warmup-s 2 --worker-arg=--fronts=2
+    exit
+fi
+if [ "${SET:-all}" = fronts-auto ]; then  # the defaults (fronts chosen from the engine's rate) against --fronts
+    run trivial backlog-default1-f1 60 --backlog 60000 --timeout-s 20
+    run trivial backlog-fronts0-f1 60 --backlog 60000 --timeout-s 20 --worker-arg=--fronts=0
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
+    run trivial backlog-fronts0-f8 60 --backlog 25000 --frames 8 --timeout-s 20 --worker-arg=--fronts=0
+    run trivial backlog-default1-again-f1 60 --backlog 60000 --timeout-s 20
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
+    run resnet50 backlog-fronts2 60 --backlog 40000 --timeout-s 20 --worker-arg=--fronts=2
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
     exit
 fi
 if [ "${SET:-all}" = gc-drain ]; then  # the collector's time while the trivial model's streams drain
