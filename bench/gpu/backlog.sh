@@ -20,7 +20,7 @@
 # trivial model's 1-JPEG backlog drained by 1, 2 and 4 workers and as many bare fetch/reply/ack loops
 # (`--bare`); SET=gc-drain the collector's time while the trivial model's two streams drain; SET=fronts
 # one process doing it all against front processes (--fronts K) on both models, and idle latency; SET=fronts-auto
-# the defaults (front processes chosen from the engine's measured rate) against --fronts. Wheels: .whl/.
+# the defaults against --fronts; SET=fronts-confirm the defaults once more. Wheels: .whl/.
 set -uo pipefail
 RESULTS=${1:-${OUT:-/tmp/jetinfer-backlog}}
 OUT=$RESULTS/data
@@ -163,6 +163,12 @@ if [ "${SET:-all}" = fronts-auto ]; then  # the defaults (fronts chosen from the
     run trivial backlog-default1-again-f1 60 --backlog 60000 --timeout-s 20
     run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
     run resnet50 backlog-fronts2 60 --backlog 40000 --timeout-s 20 --worker-arg=--fronts=2
+    run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    exit
+fi
+if [ "${SET:-all}" = fronts-confirm ]; then  # the defaults as shipped: front processes for both models
+    run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
     exit
 fi
