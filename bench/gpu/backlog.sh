@@ -168,8 +168,8 @@ if [ "${SET:-all}" = fronts-auto ]; then  # the defaults (fronts chosen from the
 fi
 if [ "${SET:-all}" = fronts-confirm ]; then  # the defaults as shipped: front processes for both models
     run resnet50 backlog-default1 60 --backlog 40000 --timeout-s 20
-    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     run resnet50 idle 40 --concurrency 1 --duration-s 5 --warmup-s 2
+    run trivial backlog-default1-f8 60 --backlog 25000 --frames 8 --timeout-s 20
     exit
 fi
 if [ "${SET:-all}" = gc-drain ]; then  # the collector's time while the trivial model's streams drain
