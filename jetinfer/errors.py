@@ -18,6 +18,7 @@
     ├── StreamMismatchError           an existing stream differs; `field` names the difference
     ├── StreamMissingError            a stream this process reads does not exist; `name` names it
     ├── RepositoryError               a model repository entry is invalid; `path` says where
+    ├── FrontProcessError             a worker's front process did not start or connect
     └── ModelLoadError                a backend could not load a model version
 
 A client receives error replies as the same classes (`error_for_code`), so
@@ -35,6 +36,7 @@ __all__ = [
     "DeadlineExceededError",
     "EmbeddedServerError",
     "ExportError",
+    "FrontProcessError",
     "InvalidInputError",
     "JetinferError",
     "JobStalledError",
@@ -193,6 +195,10 @@ class StreamUpdateError(JetinferError, RuntimeError):
 
 class EmbeddedServerError(JetinferError, RuntimeError):
     """The embedded nats-server (the demo's, the embedded bench's) exited or never became ready."""
+
+
+class FrontProcessError(JetinferError, RuntimeError):
+    """A worker's front process (`--fronts`) did not start, or did not connect to NATS in time."""
 
 
 class ExportError(JetinferError, RuntimeError):

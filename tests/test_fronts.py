@@ -7,10 +7,15 @@ import asyncio
 import os
 import re
 import signal
+import socket
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -88,35 +93,70 @@ def test_every_link_message_crosses_unchanged() -> None:
         decode({"t": "exec", "code": "rm -rf /"})
 
 
-async def test_fronts_answer_images_and_tensors_and_count_them_on_one_metrics(
+async def test_fronts_answer_images_and_tensors_of_two_models_and_count_them_on_one_metrics(
     nats_server: NatsUnderTest, model_repo: Any, cat_jpeg: bytes
 ) -> None:
     repo, model = model_repo("efficientnet_lite0")
+    _, identity = model_repo("identity")
     tensors = 40
     port = free_port()
     async with (
         running_worker(
-            nats_server.url, repo, [model], fronts=2, metrics_port=port, metrics_host="127.0.0.1"
+            nats_server.url, repo, [model, identity], fronts=2, metrics_port=port, metrics_host="127.0.0.1"
         ) as worker,
         Client(nats_server.url) as client,
     ):
         assert worker.fronts is not None
         assert worker.servers == {}  # nothing pulled in this process
-        await _until(lambda: worker.readiness()[0], 30, "every front to serve the model")
-        assert [f["serving"] for f in worker.readiness()[1]["fronts"]] == [[model], [model]]
+        await _until(lambda: worker.readiness()[0], 30, "every front to serve both models")
+        serving = [sorted(f["serving"]) for f in worker.readiness()[1]["fronts"]]
+        assert serving == [sorted([model, identity])] * 2
         by_jpeg = await client.infer(model, cat_jpeg, timeout=60)
         rng = np.random.default_rng(3)
         inputs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(tensors)]
-        replies = await asyncio.gather(*(client.infer(model, x, timeout=60) for x in inputs))
+        echoes = [rng.standard_normal((1 + i % 3, 256)).astype(np.float32) for i in range(tensors)]
+        replies, echoed = await asyncio.gather(
+            asyncio.gather(*(client.infer(model, x, timeout=60) for x in inputs)),
+            asyncio.gather(*(client.infer(identity, x, timeout=60) for x in echoes)),
+        )
         await wait_until_answered(client.js, model)
+        await wait_until_answered(client.js, identity)
         await asyncio.sleep(1.5)  # a front's metrics reach the worker's /metrics once a second
         counted = await _metric(port, "jetinfer_requests_total", model=model, status="ok")
+        counted_identity = await _metric(port, "jetinfer_requests_total", model=identity, status="ok")
         batches = await _metric(port, "jetinfer_batch_size_count", model=model)
     top5 = {p.index for p in top_k(by_jpeg.output("logits")[0], k=5)}
     assert top5 & CAT_CLASSES, f"no cat in top-5 {top5}"
     assert all(r.output("logits").shape == (1, 1000) for r in replies)
+    for sent, reply in zip(echoes, echoed, strict=True):
+        np.testing.assert_array_equal(reply.output(), sent)  # each reply is its own request's, whole
     assert counted == tensors + 1, "each request counted once, by the front that settled it"
+    assert counted_identity == tensors
     assert batches >= 1, "the engine counts the batches it ran"
+
+
+def test_a_front_given_something_else_than_its_engine_says_so_in_one_line(tmp_path: Path) -> None:
+    unknown = msgpack.packb({"t": "exec"})
+    for sent, said in (
+        (b"", "closed the link"),
+        (struct.pack(">Q", len(unknown)) + unknown, "does not know"),
+        (struct.pack(">Q", 1 << 40), "not a jetinfer link"),
+    ):
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jetinfer.worker.front", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        ours.sendall(sent)
+        ours.close()
+        _, stderr = process.communicate(timeout=30)
+        lines = stderr.decode().strip().splitlines()
+        assert process.returncode == 2
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("jetinfer front: error:")
+        assert said in lines[0]
 
 
 async def test_a_new_version_reaches_the_engine_and_its_fronts(

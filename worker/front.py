@@ -31,7 +31,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
 from jetinfer.connection import connect
-from jetinfer.errors import BackendError, RequestError
+from jetinfer.errors import BackendError, JetinferError, RequestError
 
 from . import gc_tuning
 from .autoconfig import Plan
@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(choice)) as runner:
             return runner.run(_main(fd))
-    except LinkClosedError as exc:
-        print(f"jetinfer front: {exc}", file=sys.stderr)
-        return 1
+    except (JetinferError, ConnectionError, TimeoutError) as exc:  # the link's end among them
+        print(f"jetinfer front: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

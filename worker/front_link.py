@@ -184,9 +184,12 @@ class Link:
         """The next message. Raises LinkClosedError at the end of the stream."""
         try:
             head = await self._reader.readexactly(_LENGTH.size)
-            (length,) = _LENGTH.unpack(head)
-            if length > MAX_MESSAGE_BYTES:
-                raise LinkClosedError(f"a message of {length} bytes: not a jetinfer link")
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise LinkClosedError("the other process closed the link") from exc
+        (length,) = _LENGTH.unpack(head)
+        if length > MAX_MESSAGE_BYTES:
+            raise LinkClosedError(f"a message of {length} bytes: not a jetinfer link")
+        try:
             data = await self._reader.readexactly(length)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise LinkClosedError("the other process closed the link") from exc

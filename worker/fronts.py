@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from jetinfer import children
-from jetinfer.errors import BackendError, RequestError
+from jetinfer.errors import BackendError, FrontProcessError, RequestError
 
 from .autoconfig import Plan, Rates
 from .batcher import Batch, make_batches
@@ -272,12 +272,21 @@ class Fronts:
             await front.link.send(Hello(self._settings, number, logging.getLogger().getEffectiveLevel()))
             front.reader = asyncio.create_task(self._read(front), name=f"front-{number}")
         for front in self._fronts:
-            try:
-                await asyncio.wait_for(front.said.wait(), FRONT_START_S)
-            except TimeoutError:
-                raise BackendError(
-                    f"front process {front.number} did not connect to NATS within {FRONT_START_S:.0f} s"
-                ) from None
+            assert front.reader is not None
+            said = asyncio.create_task(front.said.wait())
+            await asyncio.wait(
+                {said, front.reader}, timeout=FRONT_START_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            said.cancel()
+            if not front.said.is_set():
+                raise FrontProcessError(
+                    f"front process {front.number} "
+                    + (
+                        "exited before it connected to NATS (its error is above)"
+                        if front.reader.done()
+                        else f"did not connect to NATS within {FRONT_START_S:.0f} s"
+                    )
+                )
         logger.info(
             "%d front processes (pids %s) pull, prepare and answer; this process runs their batches",
             self.count,
