@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from jetinfer.connection import connect
 from jetinfer.errors import BackendError, JetinferError, RequestError
+from jetinfer.repository import ModelConfig
 
 from . import gc_tuning
 from .autoconfig import Plan
@@ -140,7 +141,7 @@ class RemoteRunner(BatchRunner):
 
 
 class FrontPipeline(Pipeline):
-    """A model's pipeline in a front process: the engine's plan and config, the engine's runner."""
+    """A model's pipeline in a front process: the engine's plan, config and max_batch, the engine's runner."""
 
     def __init__(self, serve: Serve, runner: RemoteRunner, **kwargs: Any) -> None:
         super().__init__(model=serve.model, slot=None, **kwargs)
@@ -148,13 +149,18 @@ class FrontPipeline(Pipeline):
         self._remote = runner
 
     def update(self, serve: Serve) -> None:
-        """Go on with the engine's new config (a reload)."""
+        """Go on with the engine's new version's config (a reload)."""
         self._serve = serve
+
+    @property
+    def max_batch(self) -> int:
+        """Frames per batch, as the engine runs them."""
+        return self._serve.max_batch
 
     def _serving(self) -> bool:
         return True
 
-    def serving_config(self) -> Any:
+    def serving_config(self) -> ModelConfig:
         """The engine's serving version's config."""
         return self._serve.config
 
