@@ -157,9 +157,6 @@ class FrontPipeline(Pipeline):
         """Frames per batch, as the engine runs them."""
         return self._serve.max_batch
 
-    def _serving(self) -> bool:
-        return True
-
     def serving_config(self) -> ModelConfig:
         """The engine's serving version's config."""
         return self._serve.config

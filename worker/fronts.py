@@ -112,9 +112,7 @@ class EngineModel:
     @property
     def max_batch(self) -> int:
         """Frames per batch: the setting, capped by the serving version's config."""
-        current = self._slot.current
-        config_max = current.config.max_batch if current else 1
-        return min(self._settings.max_batch or config_max, config_max)
+        return self._slot.max_batch(self._settings.max_batch)
 
     @property
     def batches_run(self) -> int:

@@ -157,8 +157,7 @@ class Pipeline:
     @property
     def max_batch(self) -> int:
         """Frames per batch: the setting, capped by the serving version's config."""
-        config_max = self.serving_config().max_batch if self._serving() else 1
-        return min(self._settings.max_batch or config_max, config_max)
+        return self._slot.max_batch(self._settings.max_batch) if self._slot is not None else 1
 
     @property
     def batch_slots(self) -> int:
@@ -187,10 +186,6 @@ class Pipeline:
         if task is None or not task.done() or task.cancelled():
             return None
         return task.exception()
-
-    def _serving(self) -> bool:
-        """Whether the model has a serving version yet."""
-        return self._slot is not None and self._slot.current is not None
 
     def serving_config(self) -> ModelConfig:
         """The serving version's config (what requests are checked and batched against)."""

@@ -136,6 +136,12 @@ class ModelSlot:
         """Whether a version is loaded."""
         return self.current is not None
 
+    def max_batch(self, setting: int) -> int:
+        """Frames per batch: `setting` (0: the config's), capped by the serving version's config (1 before
+        there is one)."""
+        config_max = self.current.config.max_batch if self.current else 1
+        return min(setting or config_max, config_max)
+
     def acquire(self) -> LoadedModel:
         """The current version, counted as in use until `release`."""
         with self._lock:

@@ -236,7 +236,7 @@ class Worker:
         if self._front_count is None:
             slot = self.slots[model]
             if self.settings.fronts is None:
-                rates = await probe_engine(slot, self.settings, self._max_batch(model))
+                rates = await probe_engine(slot, self.settings, slot.max_batch(self.settings.max_batch))
             current = slot.current
             on_gpu = current is not None and current.backend.accepts_device_tensors
             self._front_count, why = front_count(
@@ -244,11 +244,6 @@ class Worker:
             )
             logger.info("front processes: %d (%s)", self._front_count, why)
         return self._front_count > 0, rates
-
-    def _max_batch(self, model: str) -> int:
-        current = self.slots[model].current
-        config_max = current.config.max_batch if current else 1
-        return min(self.settings.max_batch or config_max, config_max)
 
     async def _serve_through_fronts(self, model: str, rates: Rates | None) -> None:
         assert self._front_count
