@@ -198,38 +198,68 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _restarted_pids(worker: faults.WorkerProcess, number: int) -> list[int]:
+    """The pids front `number` was started again with, in order."""
+    found = re.findall(rf"front process {number} started again \(pid (\d+)\)", worker.log())
+    return [int(pid) for pid in found]
+
+
 @pytest.mark.slow
-async def test_kill_9_of_a_front_stops_its_worker_and_every_request_is_answered(
+async def test_a_front_killed_mid_load_is_started_again_and_every_request_is_answered(
     own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
 ) -> None:
     repo, model = model_repo("identity")
     stream = {"ack_wait_s": 2}
     await register(own_nats.url, model, StreamSettings(**stream))
-    settings = {**stream, "max_batch": 32, "fetch_batches": 8}
-    victim = faults.WorkerProcess(
-        own_nats.url, repo, model, tmp_path / "victim.log", {**settings, "fronts": 2}
-    )
-    heir = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "heir.log", settings)
-    with faults.worker_processes(victim, heir):
-        victim.start()
-        await victim.ready()
+    settings = {**stream, "max_batch": 32, "fetch_batches": 8, "fronts": 2}
+    worker = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "worker.log", settings)
+    with faults.worker_processes(worker):
+        worker.start()
+        first, second = await _front_pids(worker)
         async with Client(own_nats.url) as client:
             load = Load(client, model, 2000)
             await load.send(per_wave=500, pause_s=0)
             await load.wait_answered(50)
-            first, second = await _front_pids(victim)
             os.kill(first, signal.SIGKILL)
             killed_at = time.monotonic()
-            code = await victim.wait(timeout_s=30)
-            heir.start()
             results = await load.results()
+            await _until(lambda: bool(_restarted_pids(worker, 1)), 30, "front 1 to be started again")
+            assert worker.process is not None
+            assert worker.process.poll() is None, "the worker serves on"
+            [again] = _restarted_pids(worker, 1)
+            await served_version(client, model)  # served with the new front in place
+            worker.terminate()
+            code = await worker.wait(timeout_s=20)
     tally = faults.tally(load.markers, results, client.duplicates_dropped)
     tally.recover_s = load.recovery_s(killed_at)
-    check(tally, "kill -9 of one of two fronts")
-    assert code == 1, "a worker that lost a front stops (its pod is restarted)"
-    assert "front process 1" in victim.log()
-    assert "is gone" in victim.log()
-    assert _gone(second), "the other front stopped with its worker"
+    check(tally, "kill -9 of one of two fronts, started again")
+    assert again not in (first, second)
+    assert f"front process 1 (pid {first}) is gone" in worker.log()
+    assert code == 0, worker.log()[-3000:]
+    assert all(_gone(pid) for pid in (first, second, again))
+
+
+@pytest.mark.slow
+async def test_a_front_that_keeps_dying_stops_its_worker(
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+) -> None:
+    repo, model = model_repo("identity")
+    worker = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "worker.log", {"fronts": 2})
+    with faults.worker_processes(worker):
+        worker.start()
+        victim, other = await _front_pids(worker)
+        for restarts in range(1, 5):
+            os.kill(victim, signal.SIGKILL)
+            if restarts == 4:
+                break
+            await _until(
+                lambda r=restarts: len(_restarted_pids(worker, 1)) == r, 30, f"restart {restarts} of front 1"
+            )
+            victim = _restarted_pids(worker, 1)[-1]
+        code = await worker.wait(timeout_s=30)
+    assert code == 1, "three restarts within a minute, then the fourth death stops the worker"
+    assert "3 restarts within 60 s: the worker stops" in worker.log()
+    assert _gone(other)
 
 
 @pytest.mark.slow

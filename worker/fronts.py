@@ -9,8 +9,9 @@ the models (their slots, reloads, the decoding processes and GPU lanes) and runs
 `EngineModel` decodes what its strategy does not take encoded, makes a batch into the model's input ahead
 while another runs, runs it (splitting a failing batch, as in-process), and sends the outcomes back.
 
-A front that dies fails the worker (as a failed pipeline does): its messages come back after ack_wait,
-and the pod is restarted. The engine's death kills the fronts (`jetinfer.children`), and a front that
+A front that dies is started again (its messages come back after ack_wait); one that keeps dying
+(MAX_RESTARTS within RESTART_WINDOW_S) fails the worker, as a failed pipeline does, and the pod is
+restarted. The engine's death kills the fronts (`jetinfer.children`), and a front that
 loses the link gives back what it holds. /metrics is this process's registry with every front's last
 snapshot added in (`MergedRegistry`), /readyz waits for every front.
 """
@@ -65,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a front may take to connect and say so before the worker gives up on it.
 FRONT_START_S = 60.0
+#: Fronts started again within RESTART_WINDOW_S after which the next death stops the worker (a loop).
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
 
 
 def _prepared(remote: RemoteRequest) -> PreparedRequest:
@@ -246,53 +250,79 @@ class Fronts:
         self._engines = engines
         self._on_failure = on_failure
         self._fronts: list[_FrontProcess] = []
+        self._readers: set[asyncio.Task[None]] = set()
+        self._serving: dict[str, Serve] = {}
+        self._restarts: list[float] = []  # when fronts were started again (monotonic)
         self._stopping = False
+        self._started = False  # until then a front that dies fails the start instead
 
     async def start(self) -> None:
         """Start every front and wait until each is connected to NATS (bounded: FRONT_START_S)."""
         for number in range(1, self.count + 1):
-            ours, theirs = socket.socketpair()
-            try:
-                process = children.spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "jetinfer.worker.front",
-                        str(theirs.fileno()),
-                        self._settings.event_loop,
-                    ],
-                    pass_fds=(theirs.fileno(),),
-                )
-            finally:
-                theirs.close()
-            front = _FrontProcess(number, process, await Link.open(ours))
-            self._fronts.append(front)
-            await front.link.send(Hello(self._settings, number, logging.getLogger().getEffectiveLevel()))
-            front.reader = asyncio.create_task(self._read(front), name=f"front-{number}")
+            self._fronts.append(await self._launch(number))
         for front in self._fronts:
-            assert front.reader is not None
-            said = asyncio.create_task(front.said.wait())
-            await asyncio.wait(
-                {said, front.reader}, timeout=FRONT_START_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            said.cancel()
-            if not front.said.is_set():
-                raise FrontProcessError(
-                    f"front process {front.number} "
-                    + (
-                        "exited before it connected to NATS (its error is above)"
-                        if front.reader.done()
-                        else f"did not connect to NATS within {FRONT_START_S:.0f} s"
-                    )
-                )
+            await self._until_connected(front)
+        self._started = True
         logger.info(
             "%d front processes (pids %s) pull, prepare and answer; this process runs their batches",
             self.count,
             ", ".join(str(f.process.pid) for f in self._fronts),
         )
 
+    async def _launch(self, number: int) -> _FrontProcess:
+        ours, theirs = socket.socketpair()
+        try:
+            process = children.spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "jetinfer.worker.front",
+                    str(theirs.fileno()),
+                    self._settings.event_loop,
+                ],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        front = _FrontProcess(number, process, await Link.open(ours))
+        await front.link.send(Hello(self._settings, number, logging.getLogger().getEffectiveLevel()))
+        front.reader = asyncio.create_task(self._read(front), name=f"front-{number}")
+        self._readers.add(front.reader)
+        front.reader.add_done_callback(self._readers.discard)
+        return front
+
+    async def _until_connected(self, front: _FrontProcess) -> None:
+        assert front.reader is not None
+        said = asyncio.create_task(front.said.wait())
+        await asyncio.wait({said, front.reader}, timeout=FRONT_START_S, return_when=asyncio.FIRST_COMPLETED)
+        said.cancel()
+        if not front.said.is_set():
+            raise FrontProcessError(
+                f"front process {front.number} "
+                + (
+                    "exited before it connected to NATS (its error is above)"
+                    if front.reader.done()
+                    else f"did not connect to NATS within {FRONT_START_S:.0f} s"
+                )
+            )
+
+    async def _restart(self, gone: _FrontProcess) -> None:
+        """Start a front again in the place of one that died, and have it serve every model."""
+        front = await self._launch(gone.number)
+        self._fronts[self._fronts.index(gone)] = front
+        try:
+            await self._until_connected(front)
+        except FrontProcessError as exc:
+            logger.error("%s; the worker stops", exc)
+            self._on_failure()
+            return
+        for message in self._serving.values():
+            await _send_quietly(front.link, message)
+        logger.info("front process %d started again (pid %d)", front.number, front.process.pid)
+
     async def serve(self, message: Serve) -> None:
         """Tell every front to serve a model (or of its new config)."""
+        self._serving[message.model] = message  # for a front started again later
         for front in self._fronts:
             await _send_quietly(front.link, message)  # its reader reports the front gone
 
@@ -334,15 +364,32 @@ class Fronts:
         except LinkClosedError:
             front.state = FrontState(False, front.state.serving)
             if not self._stopping:
-                status = await asyncio.to_thread(_wait, front.process, 5.0)
-                logger.error(
-                    "front process %d (pid %d) is gone (exit status %s); the worker stops (its messages are "
-                    "served again after ack_wait)",
-                    front.number,
-                    front.process.pid,
-                    status,
-                )
-                self._on_failure()
+                await self._after_death(front)
+
+    async def _after_death(self, front: _FrontProcess) -> None:
+        """A front died: start it again, unless fronts keep dying (then the worker stops)."""
+        if not self._started:
+            return  # start() says so
+        status = await asyncio.to_thread(_wait, front.process, 5.0)
+        if status is None:  # its end of the link closed, yet it runs on: it is not serving
+            front.process.kill()
+            status = await asyncio.to_thread(front.process.wait)
+        children.forget(front.process)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        said = (
+            f"front process {front.number} (pid {front.process.pid}) is gone (exit status {status}); what it "
+            "held is served again after ack_wait"
+        )
+        if self._stopping or len(self._restarts) >= MAX_RESTARTS:
+            logger.error(
+                "%s; %d restarts within %.0f s: the worker stops", said, len(self._restarts), RESTART_WINDOW_S
+            )
+            self._on_failure()
+            return
+        self._restarts.append(now)
+        logger.error("%s; starting it again", said)
+        await self._restart(front)
 
     async def _run(self, front: _FrontProcess, message: RunBatch) -> None:
         engine = self._engines.get(message.model)
@@ -367,12 +414,11 @@ class Fronts:
                 front.process.kill()
                 await asyncio.to_thread(front.process.wait)
             children.forget(front.process)
-            if front.reader is not None:
-                front.reader.cancel()
             await front.link.close()
-        await asyncio.gather(
-            *(f.reader for f in self._fronts if f.reader is not None), return_exceptions=True
-        )
+        readers = list(self._readers)  # those of fronts started again too
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
 
 async def _send_quietly(link: Link, message: object) -> None:
