@@ -216,6 +216,8 @@ class Front:
             error_cb=self._refusals.on_error,
         )
         await self._say_state()
+        if self.settings.gc_threshold:  # as the engine does: what start-up made stays out of collections
+            gc_tuning.freeze_startup_heap()
         reading = asyncio.create_task(self._read(), name="front-link")
         reporting = asyncio.create_task(self._report(), name="front-metrics")
         grace_s = await self._stop
