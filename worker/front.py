@@ -1,8 +1,9 @@
 """A front process: pulls, prepares and answers a worker's requests on a NATS connection of its own, and
 has the worker's engine process run their batches.
 
-One nats-py connection's event loop moves about 12k messages a second on the H200 machine
-(docs/benchmarks.md); a light engine takes more. So `jetinfer serve --fronts K` starts K of these
+One nats-py connection's event loop moves about 12k messages a second on the H200 machine, a light
+engine takes more, and in one process NATS's work takes the GIL from the threads feeding the GPU
+(docs/benchmarks.md, session 10). So `jetinfer serve --fronts K` starts K of these
 (`worker.fronts`), each running the pipeline's intake, form (checks and msgpack; images stay encoded)
 and settle stages unchanged, with the run stage's runner replaced by `RemoteRunner`: a batch crosses the
 link to the engine and its outcomes come back. This process settles every message it took; the engine
