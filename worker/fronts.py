@@ -255,6 +255,7 @@ class Fronts:
         self._restarts: list[float] = []  # when fronts were started again (monotonic)
         self._stopping = False
         self._started = False  # until then a front that dies fails the start instead
+        self._state_changed = asyncio.Event()  # set whenever a front's state changes
 
     async def start(self) -> None:
         """Start every front and wait until each is connected to NATS (bounded: FRONT_START_S)."""
@@ -321,10 +322,24 @@ class Fronts:
         logger.info("front process %d started again (pid %d)", front.number, front.process.pid)
 
     async def serve(self, message: Serve) -> None:
-        """Tell every front to serve a model (or of its new config)."""
+        """Tell every front to serve a model (or of its new config), and wait until each says it does
+        (bounded: FRONT_START_S), so a worker that has started serves through all of them."""
         self._serving[message.model] = message  # for a front started again later
         for front in self._fronts:
             await _send_quietly(front.link, message)  # its reader reports the front gone
+        deadline = asyncio.get_running_loop().time() + FRONT_START_S
+        while not all(message.model in f.state.serving or _gone(f) for f in self._fronts):
+            self._state_changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), max(0.0, remaining))
+            except TimeoutError:
+                logger.warning(
+                    "model %s: not every front process serves it %.0f s after it was asked to (see /readyz)",
+                    message.model,
+                    FRONT_START_S,
+                )
+                return
 
     def ready(self) -> bool:
         """Whether every front is connected and serves every model this process runs."""
@@ -359,10 +374,12 @@ class Fronts:
                 elif isinstance(message, FrontState):
                     front.state = message
                     front.said.set()
+                    self._state_changed.set()
                 elif isinstance(message, MetricsSnapshot):
                     front.families = message.families
         except LinkClosedError:
             front.state = FrontState(False, front.state.serving)
+            self._state_changed.set()
             if not self._stopping:
                 await self._after_death(front)
 
@@ -419,6 +436,11 @@ class Fronts:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+def _gone(front: _FrontProcess) -> bool:
+    """Whether a front's link has closed (it died; one started again takes its place in the list)."""
+    return front.reader is None or front.reader.done()
 
 
 async def _send_quietly(link: Link, message: object) -> None:
