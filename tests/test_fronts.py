@@ -121,7 +121,15 @@ async def test_fronts_answer_images_and_tensors_of_two_models_and_count_them_on_
         )
         await wait_until_answered(client.js, model)
         await wait_until_answered(client.js, identity)
-        await asyncio.sleep(1.5)  # a front's metrics reach the worker's /metrics once a second
+        # A front's metrics reach the worker's /metrics once a second.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            counted = await _metric(port, "jetinfer_requests_total", model=model, status="ok")
+            counted_identity = await _metric(port, "jetinfer_requests_total", model=identity, status="ok")
+            if counted >= tensors + 1 and counted_identity >= tensors:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.2)  # one more snapshot: nothing is counted twice
         counted = await _metric(port, "jetinfer_requests_total", model=model, status="ok")
         counted_identity = await _metric(port, "jetinfer_requests_total", model=identity, status="ok")
         batches = await _metric(port, "jetinfer_batch_size_count", model=model)
