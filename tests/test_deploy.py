@@ -56,6 +56,7 @@ COUNTERS = {
     "jetinfer_replies_refused_total",
     "jetinfer_stage_seconds_total",
     "jetinfer_gc_seconds_total",
+    "jetinfer_front_restarts_total",
 }
 HISTOGRAMS = {
     "jetinfer_batch_size",

@@ -343,3 +343,30 @@ def test_a_worker_chooses_fronts_for_an_image_model_on_a_gpu_with_cores_to_spare
         0,
         "--fronts",
     )
+
+
+async def test_a_front_started_again_is_counted_and_the_worker_ready_again(
+    nats_server: NatsUnderTest, model_repo: Any
+) -> None:
+    repo, model = model_repo("identity")
+    port = free_port()
+    async with (
+        running_worker(
+            nats_server.url, repo, [model], fronts=2, metrics_port=port, metrics_host="127.0.0.1"
+        ) as worker,
+        Client(nats_server.url) as client,
+    ):
+        assert await _metric(port, "jetinfer_front_restarts_total") == 0
+        [first, second] = [f["pid"] for f in worker.readiness()[1]["fronts"]]
+        os.kill(first, signal.SIGKILL)
+
+        def replaced() -> bool:
+            ready, details = worker.readiness()
+            return ready and first not in [f["pid"] for f in details["fronts"]]
+
+        await _until(replaced, 30, "front 1 to be started again and the worker ready")
+        restarts = await _metric(port, "jetinfer_front_restarts_total")
+        answered = [await served_version(client, model) for _ in range(10)]
+        assert second in [f["pid"] for f in worker.readiness()[1]["fronts"]]
+    assert restarts == 1
+    assert answered == ["1"] * 10

@@ -63,6 +63,8 @@ WORKER_LABELS = {
     "jetinfer_stage_seconds_total": {"model", "stage", "activity"},
     # Python's garbage collector, process-wide (worker/gc_tuning.py): not a model's, so no model label.
     "jetinfer_gc_seconds_total": {"generation"},
+    # Front processes started again (worker/fronts.py): the worker's, so no label.
+    "jetinfer_front_restarts_total": set(),
 }
 # `jetinfer_<noun>_{total|seconds|bytes}`, and the unitless exceptions worker/metrics.py documents:
 # counts with no unit (frames per batch, messages behind, requests in flight) and Prometheus' `_ratio`.

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from nats.aio.msg import Msg
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
@@ -244,8 +244,10 @@ class Fronts:
         count: int,
         engines: dict[str, EngineModel],
         on_failure: Callable[[], None],
+        restarts: Counter | None = None,
     ) -> None:
         self._settings = settings
+        self._restarted = restarts  # jetinfer_front_restarts_total
         self.count = count
         self._engines = engines
         self._on_failure = on_failure
@@ -256,6 +258,7 @@ class Fronts:
         self._stopping = False
         self._started = False  # until then a front that dies fails the start instead
         self._state_changed = asyncio.Event()  # set whenever a front's state changes
+        self._failed = False  # fronts kept dying: the worker stops
 
     async def start(self) -> None:
         """Start every front and wait until each is connected to NATS (bounded: FRONT_START_S)."""
@@ -307,6 +310,11 @@ class Fronts:
                 )
             )
 
+    def _fail(self) -> None:
+        self._failed = True
+        self._state_changed.set()
+        self._on_failure()
+
     async def _restart(self, gone: _FrontProcess) -> None:
         """Start a front again in the place of one that died, and have it serve every model."""
         front = await self._launch(gone.number)
@@ -315,7 +323,7 @@ class Fronts:
             await self._until_connected(front)
         except FrontProcessError as exc:
             logger.error("%s; the worker stops", exc)
-            self._on_failure()
+            self._fail()
             return
         for message in self._serving.values():
             await _send_quietly(front.link, message)
@@ -328,7 +336,9 @@ class Fronts:
         for front in self._fronts:
             await _send_quietly(front.link, message)  # its reader reports the front gone
         deadline = asyncio.get_running_loop().time() + FRONT_START_S
-        while not all(message.model in f.state.serving or _gone(f) for f in self._fronts):
+        while not self._failed and not all(
+            message.model in f.state.serving or _gone(f) for f in self._fronts
+        ):
             self._state_changed.clear()
             remaining = deadline - asyncio.get_running_loop().time()
             try:
@@ -379,12 +389,14 @@ class Fronts:
                     front.families = message.families
         except LinkClosedError:
             front.state = FrontState(False, front.state.serving)
-            self._state_changed.set()
             if not self._stopping:
                 await self._after_death(front)
+        finally:
+            self._state_changed.set()  # this front is gone (and this task done) once waiters look
 
     async def _after_death(self, front: _FrontProcess) -> None:
         """A front died: start it again, unless fronts keep dying (then the worker stops)."""
+        await front.link.close()
         if not self._started:
             return  # start() says so
         status = await asyncio.to_thread(_wait, front.process, 5.0)
@@ -402,9 +414,11 @@ class Fronts:
             logger.error(
                 "%s; %d restarts within %.0f s: the worker stops", said, len(self._restarts), RESTART_WINDOW_S
             )
-            self._on_failure()
+            self._fail()
             return
         self._restarts.append(now)
+        if self._restarted is not None:
+            self._restarted.inc()
         logger.error("%s; starting it again", said)
         await self._restart(front)
 

@@ -75,6 +75,11 @@ class WorkerMetrics:
             ["model", "version", "status"],
             registry=registry,
         )
+        self.front_restarts = Counter(
+            "jetinfer_front_restarts",
+            "Front processes (--fronts) started again after one died",
+            registry=registry,
+        )
         self.inflight = Gauge(
             "jetinfer_inflight_requests",
             "Requests fetched and not yet acknowledged",

@@ -256,7 +256,9 @@ class Worker:
         await engine.start()
         self.engines[model] = engine
         if self.fronts is None:
-            self.fronts = Fronts(self.settings, fronts, self.engines, self.failed.set)
+            self.fronts = Fronts(
+                self.settings, fronts, self.engines, self.failed.set, self.metrics.front_restarts
+            )
             await self.fronts.start()
         await self._tell_fronts(model)
 
