@@ -22,6 +22,7 @@ from .batcher import Batch, make_batches
 from .prepare import PreparedRequest, prepare_request, request_content_type
 from .preprocess import Preprocessing
 from .reply_policy import ReplyPolicy
+from .settings import WorkerSettings
 
 __all__ = ["BatchFormer", "Formed"]
 
@@ -50,17 +51,26 @@ class BatchFormer:
         self._limits = limits
         self._reply_policy = reply_policy
 
+    @classmethod
+    def of(
+        cls, preprocessing: Preprocessing, pool: ThreadPoolExecutor, *, threads: int, settings: WorkerSettings
+    ) -> BatchFormer:
+        """The former a worker with `settings` uses: its size limit and its reply policy."""
+        return cls(
+            preprocessing,
+            pool,
+            threads=threads,
+            limits=Limits(max_bytes=settings.max_msg_size_bytes),
+            reply_policy=ReplyPolicy.of(settings.reply_prefixes, settings.nats_inbox_prefix),
+        )
+
     async def form(self, msgs: Sequence[Msg], config: ModelConfig, max_batch: int) -> Formed:
         """Batches of at most `max_batch` frames from `msgs`, for a version with `config`."""
         loop = asyncio.get_running_loop()
         cpu_images, tensor_bytes = self._work(msgs)
         if cpu_images == 0 and tensor_bytes <= INLINE_TENSOR_BYTES:
-            prepared = self._prepare(msgs, config, max_batch, decode=False)
-            if any(self._decodes(request) for request in prepared):  # images inside msgpack (BYTES)
-                return await loop.run_in_executor(
-                    self._pool, self._decode_and_batch, prepared, config, max_batch
-                )
-            return make_batches(prepared, max_batch), [r for r in prepared if r.error is not None]
+            # Images inside msgpack (BYTES) are decoded on a thread by `batch`.
+            return await self.batch(self._prepare(msgs, config, max_batch, decode=False), config, max_batch)
         if cpu_images < 2 or self._threads < 2:
             return await loop.run_in_executor(self._pool, self._form_here, msgs, config, max_batch)
         size = -(-len(msgs) // min(self._threads, len(msgs)))
@@ -71,6 +81,15 @@ class BatchFormer:
         prepared = [request for part in parts for request in part]
         batches = await loop.run_in_executor(self._pool, make_batches, prepared, max_batch)
         return batches, [r for r in prepared if r.error is not None]
+
+    async def batch(self, prepared: list[PreparedRequest], config: ModelConfig, max_batch: int) -> Formed:
+        """Batches of requests prepared already (a front's, in the engine process), the images the strategy
+        decodes on the CPU decoded first, on a thread."""
+        if any(self._decodes(request) for request in prepared):
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._decode_and_batch, prepared, config, max_batch
+            )
+        return make_batches(prepared, max_batch), [r for r in prepared if r.error is not None]
 
     def _work(self, msgs: Sequence[Msg]) -> tuple[int, int]:
         """(images to decode on the CPU, bytes of tensor requests) in `msgs`."""

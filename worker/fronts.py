@@ -38,7 +38,8 @@ from jetinfer import children
 from jetinfer.errors import BackendError, FrontProcessError, RequestError
 
 from .autoconfig import Plan, Rates
-from .batcher import Batch, make_batches
+from .batcher import Batch
+from .forming import BatchFormer
 from .front_link import (
     BatchDone,
     FrontState,
@@ -112,6 +113,7 @@ class EngineModel:
         self._preprocessing: Preprocessing | None = None
         self._runner: Runner | None = None
         self._room: asyncio.Semaphore | None = None
+        self._former: BatchFormer | None = None
 
     @property
     def max_batch(self) -> int:
@@ -138,6 +140,9 @@ class EngineModel:
             cores=self._cores,
             max_batch=self.max_batch,
             rates=self._rates,
+        )
+        self._former = BatchFormer.of(
+            self._preprocessing, self._decode_pool, threads=self.plan.decode_threads, settings=self._settings
         )
         # Batches being made ahead and run at once: what the strategy reserved GPU memory for.
         self._room = asyncio.Semaphore(self.plan.pipeline_depth + self._runner.slots)
@@ -174,23 +179,17 @@ class EngineModel:
     async def _run(self, request: RunBatch) -> BatchDone:
         assert self._preprocessing is not None, "start() chooses it"
         assert self._runner is not None, "start() makes it"
+        assert self._former is not None, "start() makes it"
         preprocessing, runner = self._preprocessing, self._runner
         current = self._slot.current
         assert current is not None, "a serving model keeps a version"
         config = current.config
         requests = [_prepared(r) for r in request.requests]
-        to_decode = [
-            r for r in requests if r.encoded and not preprocessing.keeps_encoded(r.content_type, r.encoded[0])
-        ]
-        if to_decode:  # what this strategy decodes on the CPU threads (all of it, on a CPU backend)
-            await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, _decode_all, preprocessing, to_decode, config
-            )
-        outcomes: dict[int, Outputs | RequestError] = {
-            id(r): r.error for r in requests if r.error is not None
-        }
+        # Decoded here where this strategy decodes on the CPU threads (all of it, on a CPU backend).
+        batches, refused = await self._former.batch(requests, config, self.max_batch)
+        outcomes: dict[int, Outputs | RequestError] = {id(r): r.error for r in refused if r.error is not None}
         version, started, infer_s = "", time.time(), 0.0
-        for batch in make_batches(requests, self.max_batch):
+        for batch in batches:
             made: Batch = batch
             if runner.busy > 0 and preprocessing.wants_ahead(batch):
                 made = await preprocessing.ahead(batch, config)  # in a lane, while another batch runs
@@ -214,11 +213,6 @@ class EngineModel:
             self._runner.close()
         if self._preprocessing is not None:
             self._preprocessing.close()
-
-
-def _decode_all(preprocessing: Preprocessing, requests: list[PreparedRequest], config: Any) -> None:
-    for request in requests:
-        preprocessing.decode_request(request, config)
 
 
 class _FrontProcess:

@@ -31,7 +31,6 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from jetinfer.errors import BackendError
-from jetinfer.protocol import Limits
 from jetinfer.repository import ModelConfig
 from jetinfer.streams import INFER_STREAM, consumer_name
 
@@ -44,7 +43,6 @@ from .preprocess import Preprocessing, choose_preprocessing
 from .ready_queue import ReadyQueue
 from .reload import ModelSlot
 from .replies import ReplyRefusals
-from .reply_policy import ReplyPolicy
 from .run import BatchRunner, RanBatch, Runner
 from .settings import WorkerSettings
 from .settle import Settler
@@ -214,12 +212,8 @@ class Pipeline:
         self._batches = ReadyQueue(maxsize=the_plan.pipeline_depth)
         self._ran = asyncio.Queue(maxsize=the_plan.pipeline_depth)
         slots = runner.slots
-        self._former = BatchFormer(
-            preprocessing,
-            self._decode_pool,
-            threads=the_plan.decode_threads,
-            limits=Limits(max_bytes=self._settings.max_msg_size_bytes),
-            reply_policy=ReplyPolicy.of(self._settings.reply_prefixes, self._settings.nats_inbox_prefix),
+        self._former = BatchFormer.of(
+            preprocessing, self._decode_pool, threads=the_plan.decode_threads, settings=self._settings
         )
         self.intake.capacity = self.max_batch * self._settings.fetch_batches
         await self.intake.start()
