@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import socket
 import struct
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy.typing as npt
 
 from jetinfer.errors import RequestError, error_for_code
 from jetinfer.repository import ModelConfig
+from jetinfer.settings import load_settings
 
 from .autoconfig import Plan
 from .settings import WorkerSettings
@@ -237,14 +237,9 @@ def _settings(settings: WorkerSettings) -> dict[str, Any]:
 
 
 def _from_settings(raw: dict[str, Any]) -> WorkerSettings:
-    hints = typing.get_type_hints(WorkerSettings)
-    values: dict[str, Any] = {
-        name: Path(value)
-        if value is not None and Path in (hints[name], *typing.get_args(hints[name]))
-        else value
-        for name, value in raw.items()
-    }
-    return WorkerSettings(**values)
+    # The one loader of settings turns the values back into their types (and checks them again); the
+    # front reads no environment of its own.
+    return load_settings(WorkerSettings, raw, environ={})
 
 
 def _plan(plan: Plan) -> dict[str, Any]:
