@@ -25,7 +25,6 @@ from jetinfer.labels import top_k
 from jetinfer.producer.client import Client
 from jetinfer.repository import ModelRepository, write_version
 from jetinfer.settings import StreamSettings
-from jetinfer.worker.autoconfig import Rates
 from jetinfer.worker.front_link import (
     BatchDone,
     Hello,
@@ -327,22 +326,21 @@ async def test_sigterm_with_fronts_answers_what_is_in_flight_and_exits_0_within_
 
 def test_a_worker_chooses_fronts_for_an_image_model_on_a_gpu_with_cores_to_spare() -> None:
     chosen = WorkerSettings(model=["m"])
-    light = Rates(engine=30_000, decode_per_process=2_800)
-    resnet = Rates(engine=10_400, decode_per_process=2_800)
-    assert front_count(chosen, on_gpu=True, cores=10, rates=light)[0] == 2
-    count, why = front_count(chosen, on_gpu=True, cores=8, rates=resnet)
+    assert front_count(chosen, image_model_on_gpu=True, cores=10, engine_rate=30_000)[0] == 2
+    count, why = front_count(chosen, image_model_on_gpu=True, cores=8, engine_rate=10_400)
     assert count == 2
     assert "10,400 img/s" in why
-    count, why = front_count(chosen, on_gpu=True, cores=4, rates=light)
+    count, why = front_count(chosen, image_model_on_gpu=True, cores=4, engine_rate=30_000)
     assert count == 0
     assert "4 cores" in why
-    assert front_count(chosen, on_gpu=False, cores=16, rates=None)[0] == 0
+    assert front_count(chosen, image_model_on_gpu=False, cores=16, engine_rate=None)[0] == 0
+    # --gpu-decode-lanes fixed: no rate measured, the choice the same.
+    assert front_count(chosen, image_model_on_gpu=True, cores=16, engine_rate=None)[0] == 2
     given = WorkerSettings(model=["m"], fronts=3)
-    assert front_count(given, on_gpu=False, cores=2, rates=None) == (3, "--fronts")
-    assert front_count(WorkerSettings(model=["m"], fronts=0), on_gpu=True, cores=16, rates=light) == (
-        0,
-        "--fronts",
-    )
+    assert front_count(given, image_model_on_gpu=False, cores=2, engine_rate=None) == (3, "--fronts")
+    assert front_count(
+        WorkerSettings(model=["m"], fronts=0), image_model_on_gpu=True, cores=16, engine_rate=30_000
+    ) == (0, "--fronts")
 
 
 async def test_a_front_started_again_is_counted_and_the_worker_ready_again(

@@ -238,7 +238,7 @@ class Fronts:
         count: int,
         engines: dict[str, EngineModel],
         on_failure: Callable[[], None],
-        restarts: Counter | None = None,
+        restarts: Counter,
     ) -> None:
         self._settings = settings
         self._restarted = restarts  # jetinfer_front_restarts_total
@@ -411,8 +411,7 @@ class Fronts:
             self._fail()
             return
         self._restarts.append(now)
-        if self._restarted is not None:
-            self._restarted.inc()
+        self._restarted.inc()
         logger.error("%s; starting it again", said)
         await self._restart(front)
 
@@ -495,9 +494,6 @@ class MergedRegistry(CollectorRegistry):
             out.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
             yield out
 
-    def __bool__(self) -> bool:
-        return True
-
 
 #: The front processes a worker on a GPU chooses: two took ResNet-50 from 0.78 to 0.89 of its engine and
 #: the light engine's one-JPEG messages from 6.8k to 12.4k img/s in one run (the engine process's GIL
@@ -509,18 +505,19 @@ FRONTS_MIN_CORES = 8
 
 
 def front_count(
-    settings: WorkerSettings, *, on_gpu: bool, cores: int, rates: Rates | None
+    settings: WorkerSettings, *, image_model_on_gpu: bool, cores: int, engine_rate: float | None
 ) -> tuple[int, str]:
     """How many front processes this worker starts, and why: the setting where given, else two for an
-    image model on a GPU (measured at start: `rates`) with the cores to spare."""
+    image model on a GPU with the cores to spare (`engine_rate`, where measured at start, is said)."""
     if settings.fronts is not None:
         return settings.fronts, "--fronts"
-    if not on_gpu or rates is None:
+    if not image_model_on_gpu:
         return 0, "one process: a CPU backend or a tensor model leaves its event loop time to spare"
     if cores < FRONTS_MIN_CORES:
         return 0, f"one process: {cores} cores are too few to share with front processes"
+    engine = f", engine {engine_rate:,.0f} img/s" if engine_rate is not None else ""
     return (
         CHOSEN_FRONTS,
-        f"an image model on a GPU, engine {rates.engine:,.0f} img/s: this process's GIL is left to feeding "
-        f"it; --fronts 0 saves about 0.5 ms at idle",
+        f"an image model on a GPU{engine}: this process's GIL is left to feeding it; --fronts 0 saves "
+        "about 0.5 ms at idle",
     )

@@ -57,11 +57,13 @@ Queued = Batch | asyncio.Future[Batch]
 
 
 async def probe_engine(slot: ModelSlot, settings: WorkerSettings, max_batch: int) -> Rates | None:
-    """The engine's and the decoders' images/s for an image model on a GPU, measured (None otherwise):
-    whether the decoding processes keep up with the engine, and one event loop with both."""
+    """The engine's and the decoders' images/s for an image model on a GPU, measured where the plan
+    uses them (whether the decoding processes keep up with the engine); None where `--gpu-decode-lanes`
+    fixes the lanes, or for any other model."""
     current = slot.current
     assert current is not None, "a model is probed once it has a version"
-    if not current.backend.accepts_device_tensors or current.config.preprocess is None:
+    on_gpu = current.backend.accepts_device_tensors
+    if not on_gpu or current.config.preprocess is None or settings.gpu_decode_lanes is not None:
         return None
     return await asyncio.to_thread(
         probe_rates,
@@ -89,7 +91,7 @@ async def choose_engine(
     assert current is not None, "a model is run once it has a version"
     count, why = cores
     on_gpu = current.backend.accepts_device_tensors
-    if rates is None and settings.gpu_decode_lanes is None:
+    if rates is None:
         rates = await probe_engine(slot, settings, max_batch)
     the_plan = plan(settings, current.config, on_gpu=on_gpu, cores=count, cores_why=why, rates=rates)
     if the_plan.gil_switch_ms:

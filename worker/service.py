@@ -96,7 +96,7 @@ class Worker:
         #: With front processes (`--fronts`): each model's engine, and the fronts that feed them.
         self.engines: dict[str, EngineModel] = {}
         self.fronts: Fronts | None = None
-        self._front_count: int | None = settings.fronts if settings.fronts is not None else None
+        self._front_count: int | None = None  # chosen with the first model served
         self._sent_versions: dict[str, int] = {}
         self.failed = asyncio.Event()  # a pipeline failed: the worker must stop
         self._refusals = ReplyRefusals()
@@ -231,16 +231,19 @@ class Worker:
 
     async def _fronts_wanted(self, model: str) -> tuple[bool, Rates | None]:
         """Whether this worker serves through front processes (decided at its first model, then kept),
-        and the engine's rates where measured for the choice (the plan uses them too)."""
+        and the engine's rates where measured then (the plan's, measured once for both)."""
         rates = None
         if self._front_count is None:
             slot = self.slots[model]
-            if self.settings.fronts is None:
-                rates = await probe_engine(slot, self.settings, slot.max_batch(self.settings.max_batch))
             current = slot.current
-            on_gpu = current is not None and current.backend.accepts_device_tensors
+            assert current is not None, "a model is served once it has a version"
+            rates = await probe_engine(slot, self.settings, slot.max_batch(self.settings.max_batch))
             self._front_count, why = front_count(
-                self.settings, on_gpu=on_gpu, cores=self.cores[0], rates=rates
+                self.settings,
+                image_model_on_gpu=current.backend.accepts_device_tensors
+                and current.config.preprocess is not None,
+                cores=self.cores[0],
+                engine_rate=rates.engine if rates is not None else None,
             )
             logger.info("front processes: %d (%s)", self._front_count, why)
         return self._front_count > 0, rates
