@@ -31,6 +31,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
+from jetinfer.cleanup import logged
 from jetinfer.connection import connect
 from jetinfer.errors import BackendError, JetinferError, RequestError
 from jetinfer.repository import ModelConfig
@@ -236,7 +237,7 @@ class Front:
                 await asyncio.wait_for(self._nc.drain(), max(1.0, grace_s / 4))
             except Exception as exc:
                 logger.warning("front %d: drain failed (%s); closing", self.number, exc)
-                await self._nc.close()
+                await logged(logger, "closing the NATS connection", self._nc.close())
         if not self._engine_gone:
             with contextlib.suppress(LinkClosedError):  # the engine went meanwhile: nobody left to read them
                 await self._link.send(MetricsSnapshot(metric_families(self.registry)))
@@ -296,7 +297,7 @@ class Front:
 
     def _on_pipeline_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self._stop_within(self.settings.grace_period_s)  # logged by the pipeline; the worker stops
+            self._stop_within(self.settings.grace_period_s)  # logged by the pipeline; this front exits 1
 
     async def _say_state(self) -> None:
         connected = self._nc is not None and self._nc.is_connected
