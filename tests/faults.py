@@ -19,6 +19,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,18 @@ class WorkerProcess:
                 raise TimeoutError(f"worker not serving after {timeout_s} s:\n{self.log()[-3000:]}")
             await asyncio.sleep(0.05)
 
+    async def front_pids(self, timeout_s: float = 60.0) -> list[int]:
+        """The pids of the worker's front processes (`--fronts`), once it says it has started them."""
+        pattern = re.compile(r"front processes \(pids ([\d, ]+)\)")
+        deadline = time.monotonic() + timeout_s
+        while (found := pattern.search(self.log())) is None:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker named no fronts after {timeout_s} s:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.05)
+        return [int(pid) for pid in found.group(1).split(", ")]
+
     def kill(self) -> None:
         """SIGKILL, as a crash."""
         if self.process is not None and self.process.poll() is None:
@@ -160,6 +173,15 @@ class WorkerProcess:
     def close(self) -> None:
         """Kill the process if it still runs. Safe to call twice."""
         self.kill()
+
+
+def exited(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie nobody reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 @contextlib.contextmanager

@@ -238,8 +238,9 @@ async def test_stream_leader_killed_in_a_three_node_cluster(model_repo: Any, tmp
 # -- 4. SIGTERM in the middle of a load -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fronts", [0, 2], ids=["in-process", "two-fronts"])
 async def test_sigterm_mid_load_drains_and_exits_0_within_the_grace_period(
-    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
+    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path, fronts: int
 ) -> None:
     repo, model = model_repo("identity")
     grace_s = 8.0
@@ -247,11 +248,15 @@ async def test_sigterm_mid_load_drains_and_exits_0_within_the_grace_period(
     await register(own_nats.url, model, StreamSettings(**stream))
     settings = {**stream, "max_batch": 8, "max_wait_ms": 0, "grace_period_s": grace_s}
     slow = {"sleep_s": 0.2}  # batches in flight at the signal
-    first = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "first.log", settings, faults=slow)
+    first = faults.WorkerProcess(
+        own_nats.url, repo, model, tmp_path / "first.log", {**settings, "fronts": fronts}, faults=slow
+    )
     second = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "second.log", settings)
     with faults.worker_processes(first, second):
         first.start()
         await first.ready()
+        # With fronts, they finish their batches in flight, give back the rest and exit with the worker.
+        front_pids = await first.front_pids() if fronts else []
         async with Client(own_nats.url) as client:
             load = Load(client, model, 1000, timeout_s=90)
             await load.send(per_wave=200, pause_s=0)
@@ -265,11 +270,13 @@ async def test_sigterm_mid_load_drains_and_exits_0_within_the_grace_period(
             results = await load.results()
     tally = faults.tally(load.markers, results, client.duplicates_dropped)
     tally.recover_s = load.recovery_s(signalled_at + exit_s)
-    check(tally, f"SIGTERM mid-load (exit {code} after {exit_s:.1f} s, grace {grace_s:g} s)")
+    check(tally, f"SIGTERM mid-load, fronts={fronts} (exit {code} after {exit_s:.1f} s, grace {grace_s:g} s)")
     assert code == 0, first.log()[-3000:]
     assert exit_s < grace_s, f"exit took {exit_s:.1f} s"
     assert answered_by_first < len(load.markers)
+    assert all(faults.exited(pid) for pid in front_pids)
     assert "Traceback" not in first.log()
+    assert "ERROR" not in first.log(), first.log()[-3000:]
 
 
 async def test_batch_longer_than_the_grace_period_is_given_back_and_the_worker_still_exits_in_time(

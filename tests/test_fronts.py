@@ -41,7 +41,7 @@ from tests import faults
 from tests.conftest import CAT_CLASSES, NatsUnderTest, running_worker, wait_until_answered
 from tests.test_delivery import Load, check, register
 from tests.test_metrics import scrape
-from tests.test_reload import served_version
+from tests.test_reload import served_version, wait_for
 from tests.test_reload import signal as reload_signal
 
 
@@ -51,14 +51,6 @@ async def _metric(port: int, name: str, **labels: str) -> float:
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
             return float(sample.value)
     return 0.0
-
-
-async def _until(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout_s:.0f} s for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_every_link_message_crosses_unchanged() -> None:
@@ -187,24 +179,6 @@ async def test_a_new_version_reaches_the_engine_and_its_fronts(
 # -- faults ------------------------------------------------------------------------------------------
 
 
-async def _front_pids(worker: faults.WorkerProcess) -> list[int]:
-    """The pids of a worker's fronts, once it has said them (it has then started them all)."""
-    pattern = re.compile(r"front processes \(pids ([\d, ]+)\)")
-    await _until(lambda: pattern.search(worker.log()) is not None, 60, "the worker to start its fronts")
-    found = pattern.search(worker.log())
-    assert found is not None
-    return [int(pid) for pid in found.group(1).split(", ")]
-
-
-def _gone(pid: int) -> bool:
-    """Whether `pid` has exited (a zombie that nobody reaped yet counts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def _restarted_pids(worker: faults.WorkerProcess, number: int) -> list[int]:
     """The pids front `number` was started again with, in order."""
     found = re.findall(rf"front process {number} started again \(pid (\d+)\)", worker.log())
@@ -222,7 +196,7 @@ async def test_a_front_killed_mid_load_is_started_again_and_every_request_is_ans
     worker = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "worker.log", settings)
     with faults.worker_processes(worker):
         worker.start()
-        first, second = await _front_pids(worker)
+        first, second = await worker.front_pids()
         async with Client(own_nats.url) as client:
             load = Load(client, model, 2000)
             await load.send(per_wave=500, pause_s=0)
@@ -230,7 +204,9 @@ async def test_a_front_killed_mid_load_is_started_again_and_every_request_is_ans
             os.kill(first, signal.SIGKILL)
             killed_at = time.monotonic()
             results = await load.results()
-            await _until(lambda: bool(_restarted_pids(worker, 1)), 30, "front 1 to be started again")
+            await wait_for(
+                lambda: bool(_restarted_pids(worker, 1)), "front 1 to be started again", limit_s=30
+            )
             assert worker.process is not None
             assert worker.process.poll() is None, "the worker serves on"
             [again] = _restarted_pids(worker, 1)
@@ -243,7 +219,7 @@ async def test_a_front_killed_mid_load_is_started_again_and_every_request_is_ans
     assert again not in (first, second)
     assert f"front process 1 (pid {first}) is gone" in worker.log()
     assert code == 0, worker.log()[-3000:]
-    assert all(_gone(pid) for pid in (first, second, again))
+    assert all(faults.exited(pid) for pid in (first, second, again))
 
 
 @pytest.mark.slow
@@ -254,19 +230,21 @@ async def test_a_front_that_keeps_dying_stops_its_worker(
     worker = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "worker.log", {"fronts": 2})
     with faults.worker_processes(worker):
         worker.start()
-        victim, other = await _front_pids(worker)
+        victim, other = await worker.front_pids()
         for restarts in range(1, 5):
             os.kill(victim, signal.SIGKILL)
             if restarts == 4:
                 break
-            await _until(
-                lambda r=restarts: len(_restarted_pids(worker, 1)) == r, 30, f"restart {restarts} of front 1"
-            )
+
+            def restarted(times: int = restarts) -> bool:
+                return len(_restarted_pids(worker, 1)) == times
+
+            await wait_for(restarted, f"restart {restarts} of front 1", limit_s=30)
             victim = _restarted_pids(worker, 1)[-1]
         code = await worker.wait(timeout_s=30)
     assert code == 1, "three restarts within a minute, then the fourth death stops the worker"
     assert "3 restarts within 60 s: the worker stops" in worker.log()
-    assert _gone(other)
+    assert faults.exited(other)
 
 
 @pytest.mark.slow
@@ -278,50 +256,12 @@ async def test_kill_9_of_the_engine_takes_its_fronts_with_it(
     with faults.worker_processes(worker):
         worker.start()
         await worker.ready()
-        pids = await _front_pids(worker)
-        assert not any(_gone(pid) for pid in pids)
+        pids = await worker.front_pids()
+        assert not any(faults.exited(pid) for pid in pids)
         worker.kill()
-        await _until(lambda: all(_gone(pid) for pid in pids), 15, "the fronts to die with their engine")
-
-
-@pytest.mark.slow
-async def test_sigterm_with_fronts_answers_what_is_in_flight_and_exits_0_within_the_grace_period(
-    own_nats: EmbeddedNatsServer, model_repo: Any, tmp_path: Path
-) -> None:
-    repo, model = model_repo("identity")
-    grace_s = 8.0
-    stream = {"ack_wait_s": 300}  # a request left unacked would miss the clients' timeout: no silent loss
-    await register(own_nats.url, model, StreamSettings(**stream))
-    settings = {**stream, "max_batch": 8, "max_wait_ms": 0, "grace_period_s": grace_s}
-    slow = {"sleep_s": 0.2}  # batches in flight at the signal
-    first = faults.WorkerProcess(
-        own_nats.url, repo, model, tmp_path / "first.log", {**settings, "fronts": 2}, faults=slow
-    )
-    second = faults.WorkerProcess(own_nats.url, repo, model, tmp_path / "second.log", settings)
-    with faults.worker_processes(first, second):
-        first.start()
-        await first.ready()
-        pids = await _front_pids(first)
-        async with Client(own_nats.url) as client:
-            load = Load(client, model, 600, timeout_s=90)
-            await load.send(per_wave=200, pause_s=0)
-            await load.wait_answered(40)
-            signalled_at = time.monotonic()
-            first.terminate()
-            code = await first.wait(timeout_s=grace_s + 5)
-            exit_s = time.monotonic() - signalled_at
-            answered_by_first = len(load.answered_at)
-            second.start()
-            results = await load.results()
-    tally = faults.tally(load.markers, results, client.duplicates_dropped)
-    tally.recover_s = load.recovery_s(signalled_at + exit_s)
-    check(tally, f"SIGTERM mid-load with two fronts (exit {code} after {exit_s:.1f} s, grace {grace_s:g} s)")
-    assert code == 0, first.log()[-3000:]
-    assert exit_s < grace_s, f"exit took {exit_s:.1f} s"
-    assert answered_by_first < len(load.markers)
-    assert all(_gone(pid) for pid in pids)
-    assert "Traceback" not in first.log()
-    assert "ERROR" not in first.log(), first.log()[-3000:]
+        await wait_for(
+            lambda: all(faults.exited(pid) for pid in pids), "the fronts to die with their engine", limit_s=15
+        )
 
 
 def test_a_worker_chooses_fronts_for_an_image_model_on_a_gpu_with_cores_to_spare() -> None:
@@ -362,7 +302,7 @@ async def test_a_front_started_again_is_counted_and_the_worker_ready_again(
             ready, details = worker.readiness()
             return ready and first not in [f["pid"] for f in details["fronts"]]
 
-        await _until(replaced, 30, "front 1 to be started again and the worker ready")
+        await wait_for(replaced, "front 1 to be started again and the worker ready", limit_s=30)
         restarts = await _metric(port, "jetinfer_front_restarts_total")
         answered = [await served_version(client, model) for _ in range(10)]
         assert second in [f["pid"] for f in worker.readiness()[1]["fronts"]]
